@@ -1,0 +1,106 @@
+"""Wiring: build the data-plane application and run both planes in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+
+from aiohttp import web
+
+from gateway.config import Address, Settings
+from gateway.dataplane import DataPlane
+from gateway.proxy import Forwarder
+from gateway.runtime import Runtime
+
+log = logging.getLogger("keystile")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def create_gateway_app(runtime: Runtime) -> web.Application:
+    """The data plane: one catch-all route, since paths are judged by gateway.paths."""
+    settings = runtime.settings
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[RUNTIME] = runtime
+    forwarder = Forwarder(settings.gateway, runtime.metrics)
+    plane = DataPlane(
+        servers=settings.mcp_servers,
+        chat=settings.chat,
+        authenticator=runtime.authenticator,
+        forwarder=forwarder,
+        usage=runtime.usage,
+        metrics=runtime.metrics,
+        readiness=runtime.readiness,
+    )
+
+    async def upstream_session(_: web.Application) -> AsyncIterator[None]:
+        await forwarder.open()
+        yield
+        await forwarder.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.router.add_route("*", "/{tail:.*}", plane.handle)
+    return app
+
+
+AppFactory = Callable[[Runtime], web.Application]
+# Called once both planes listen, with the runtime and the bound gateway and admin ports.
+ReadyHook = Callable[[Runtime, int, int], Awaitable[None]]
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The port a runner's first site listens on (useful when configured as port 0)."""
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+async def start_site(
+    app: web.Application, address: Address, *, settings: Settings, reuse_port: bool = False
+) -> web.AppRunner:
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
+        shutdown_timeout=settings.gateway.shutdown_timeout,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None)
+    await site.start()
+    return runner
+
+
+async def serve_until_signalled(
+    runtime_cm: AbstractAsyncContextManager[Runtime],
+    admin_factory: AppFactory,
+    *,
+    reuse_port: bool = False,
+    ready: ReadyHook | None = None,
+) -> None:
+    """Run both planes until SIGINT/SIGTERM, then drain and close everything."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with runtime_cm as runtime:
+        settings = runtime.settings
+        runners = [
+            await start_site(
+                create_gateway_app(runtime), settings.gateway.listen, settings=settings,
+                reuse_port=reuse_port,
+            ),
+            await start_site(
+                admin_factory(runtime), settings.admin.listen, settings=settings,
+                reuse_port=reuse_port,
+            ),
+        ]
+        log.info("gateway on %s, admin on %s", settings.gateway.listen, settings.admin.listen)
+        if ready is not None:
+            await ready(runtime, bound_port(runners[0]), bound_port(runners[1]))
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            for runner in runners:
+                await runner.cleanup()

@@ -1,0 +1,140 @@
+"""Authentication: from a request's credential to a verified Principal.
+
+parse + checksum (no I/O for garbage) -> cache -> negative cache -> Postgres by key id ->
+argon2 verify in a thread, bounded -> cache. Concurrent misses for the same key share one
+lookup and one verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import asyncpg
+
+from gateway import keys
+from gateway.cache import CachedKey, KeyCache, VerifiedSecret
+from gateway.errors import invalid_key, store_unavailable
+from gateway.metrics import Metrics
+from gateway.models import KeyHashes, Principal
+from gateway.store import Store
+
+log = logging.getLogger("keystile.auth")
+
+# What the store raises when it cannot answer: connection trouble, timeouts, a server gone.
+STORE_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def credential(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    value = headers.get("Authorization")
+    if value is not None:
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    value = headers.get("X-API-Key")
+    return value.strip() if value is not None else None
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        cache: KeyCache,
+        hasher: keys.KeyHasher,
+        metrics: Metrics,
+        verify_concurrency: int,
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._hasher = hasher
+        self._metrics = metrics
+        self._executor = ThreadPoolExecutor(verify_concurrency, thread_name_prefix="argon2")
+        self._inflight: dict[bytes, asyncio.Task[Principal | None]] = {}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """The verified principal, or ApiError 401 (bad key) / 503 (store down, not cached).
+
+        Whether the key may be used *now* (status, expiry, user) is policy.check_usable's call.
+        """
+        parsed = keys.parse(token) if token else None
+        if parsed is None:
+            self._metrics.auth_failures += 1
+            raise invalid_key()
+        fingerprint = keys.fingerprint(parsed.full)
+        entry = self._cache.get(parsed.key_id)
+        if entry is not None:
+            secret = entry.match(fingerprint)
+            if secret is not None and _within(secret.valid_until):
+                self._metrics.cache_hits += 1
+                return entry.principal
+        self._metrics.cache_misses += 1
+        if self._cache.is_known_bad(fingerprint):
+            self._metrics.auth_failures += 1
+            raise invalid_key()
+        principal = await self._single_flight(parsed, fingerprint)
+        if principal is None:
+            self._metrics.auth_failures += 1
+            raise invalid_key()
+        return principal
+
+    async def _single_flight(self, parsed: keys.ParsedKey, fingerprint: bytes) -> Principal | None:
+        # The lookup runs as its own task, so a caller that goes away (client disconnect)
+        # does not cancel it for the others waiting on the same key.
+        task = self._inflight.get(fingerprint)
+        if task is None:
+            task = asyncio.create_task(self._load_and_verify(parsed, fingerprint))
+            self._inflight[fingerprint] = task
+            task.add_done_callback(lambda done: self._finished(fingerprint, done))
+        return await asyncio.shield(task)
+
+    def _finished(self, fingerprint: bytes, task: asyncio.Task[Principal | None]) -> None:
+        self._inflight.pop(fingerprint, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here; every waiter still gets it re-raised
+
+    async def _load_and_verify(self, parsed: keys.ParsedKey, fingerprint: bytes) -> Principal | None:
+        epoch = self._cache.epoch
+        try:
+            loaded = await self._store.load_principal(parsed.key_id)
+        except STORE_ERRORS as exc:
+            self._metrics.store_errors += 1
+            log.warning("key store unreachable: %s", type(exc).__name__)
+            raise store_unavailable() from None
+        if loaded is None or loaded[0].key.user_id != parsed.user_id:
+            self._cache.remember_bad(fingerprint)
+            return None
+        principal, hashes = loaded
+        secret = await self._verify(hashes, parsed.full, fingerprint)
+        if secret is None:
+            self._cache.remember_bad(fingerprint)
+            return None
+        entry = CachedKey(principal, hashes.current, (secret,))
+        self._cache.put(parsed.key_id, entry, epoch=epoch)
+        return principal
+
+    async def _verify(
+        self, hashes: KeyHashes, full_key: str, fingerprint: bytes
+    ) -> VerifiedSecret | None:
+        loop = asyncio.get_running_loop()
+        self._metrics.argon2_verifications += 1
+        if await loop.run_in_executor(self._executor, self._hasher.verify, hashes.current, full_key):
+            return VerifiedSecret(fingerprint, None)
+        if hashes.previous is not None and _within(hashes.previous_expires_at):
+            self._metrics.argon2_verifications += 1
+            ok = await loop.run_in_executor(
+                self._executor, self._hasher.verify, hashes.previous, full_key
+            )
+            if ok:
+                return VerifiedSecret(fingerprint, hashes.previous_expires_at)
+        return None
+
+
+def _within(valid_until: datetime | None) -> bool:
+    return valid_until is None or datetime.now(UTC) < valid_until

@@ -1,0 +1,104 @@
+"""The verified-key cache: bounded, with TTL, negative entries and invalidation.
+
+Positive entries map a key id to its principal and the fingerprints of the secrets that have
+been verified for it; a hit costs a dict lookup and a constant-time digest comparison, no
+database and no argon2. Negative entries remember fingerprints of keys that failed, briefly.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from cachetools import TTLCache
+
+from gateway.models import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSecret:
+    fingerprint: bytes
+    valid_until: datetime | None  # set for a previous secret inside its rotation grace period
+
+
+@dataclass(frozen=True, slots=True)
+class CachedKey:
+    principal: Principal
+    hash_generation: str  # the current argon2 hash: entries from different rotations never merge
+    secrets: tuple[VerifiedSecret, ...]
+
+    def match(self, fingerprint: bytes) -> VerifiedSecret | None:
+        found = None
+        for secret in self.secrets:  # compare against all, so timing says nothing of position
+            if hmac.compare_digest(secret.fingerprint, fingerprint):
+                found = secret
+        return found
+
+
+class KeyCache:
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        ttl_seconds: float,
+        negative_max_entries: int,
+        negative_ttl_seconds: float,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._entries: TTLCache[str, CachedKey] = TTLCache(max_entries, ttl_seconds, timer=timer)
+        self._negative: TTLCache[bytes, bool] | None = (
+            TTLCache(negative_max_entries, negative_ttl_seconds, timer=timer)
+            if negative_ttl_seconds > 0
+            else None
+        )
+        # Bumped by every eviction: a lookup that started before an eviction must not store
+        # what it read, since it may predate the change that caused the eviction.
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key_id: str) -> CachedKey | None:
+        return self._entries.get(key_id)
+
+    def put(self, key_id: str, entry: CachedKey, *, epoch: int) -> bool:
+        """Store `entry` unless an eviction happened since `epoch` was read."""
+        if epoch != self.epoch:
+            return False
+        existing = self._entries.get(key_id)
+        if existing is not None and existing.hash_generation == entry.hash_generation:
+            known = {s.fingerprint for s in entry.secrets}
+            kept = tuple(s for s in existing.secrets if s.fingerprint not in known)
+            entry = CachedKey(entry.principal, entry.hash_generation, entry.secrets + kept[:3])
+        self._entries[key_id] = entry
+        return True
+
+    def is_known_bad(self, fingerprint: bytes) -> bool:
+        return self._negative is not None and fingerprint in self._negative
+
+    def remember_bad(self, fingerprint: bytes) -> None:
+        if self._negative is not None:
+            self._negative[fingerprint] = True
+
+    def evict_key(self, key_id: str) -> None:
+        self.epoch += 1
+        self._entries.pop(key_id, None)
+
+    def evict_user(self, user_id: str) -> None:
+        self.epoch += 1
+        stale = [k for k, v in self._entries.items() if v.principal.user.id == user_id]
+        for key_id in stale:
+            self._entries.pop(key_id, None)
+
+    # Negative entries are never evicted early: they hold fingerprints of full keys that were
+    # unknown or wrong, and no admin change can make such a key valid (new keys and rotations
+    # mint fresh secrets).
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self._entries.clear()
+        if self._negative is not None:
+            self._negative.clear()

@@ -1,0 +1,193 @@
+"""keystile serve | bootstrap | demo | check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+
+log = logging.getLogger("keystile")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    sys.exit(args.func(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keystile", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway and the admin plane")
+    _config_option(serve)
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the ports")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+    boot = commands.add_parser("bootstrap", help="create the workspace, an admin and its key")
+    _config_option(boot)
+    boot.add_argument("--email", default="admin@localhost")
+    boot.add_argument("--workspace", default="default")
+    boot.add_argument("--force", action="store_true", help="create another bootstrap admin key")
+    boot.set_defaults(func=cmd_bootstrap)
+
+    demo = commands.add_parser("demo", help="embedded Postgres + sample MCP server + Keystile")
+    _config_option(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file", help="the TOML file to check")
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default=os.environ.get("KEYSTILE_CONFIG"), help="TOML configuration file"
+    )
+
+
+def _load(path: str | None) -> Settings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"keystile: config: {problem}", file=sys.stderr)
+        return None
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.logging.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@contextlib.contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The configured URL, or an embedded PostgreSQL in the data dir for the block's duration."""
+    if settings.database.url:
+        yield str(settings.database.url)
+        return
+    embedded = EmbeddedPostgres(settings.database.data_dir)
+    url = embedded.start()
+    log.info("embedded PostgreSQL in %s", embedded.pgdata)
+    try:
+        yield url
+    finally:
+        embedded.stop()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    if _load(args.file) is None:
+        return EXIT_CONFIG
+    print(f"{args.file}: configuration is valid")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    _setup_logging(settings)
+    try:
+        with database_url(settings) as url:
+            if args.workers > 1:
+                return _supervise(args, url)
+            return _run_server(settings, url, reuse_port=args.worker)
+    except EmbeddedPostgresError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
+def _run_server(settings: Settings, url: str, *, reuse_port: bool) -> int:
+    from admin.api import create_admin_app
+    from gateway.app import serve_until_signalled
+    from gateway.runtime import open_runtime
+
+    try:
+        asyncio.run(
+            serve_until_signalled(
+                open_runtime(settings, url), create_admin_app, reuse_port=reuse_port
+            )
+        )
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        return EXIT_FAILURE
+    return 0
+
+
+def _supervise(args: argparse.Namespace, url: str) -> int:
+    """Run N worker processes on the same ports (SO_REUSEPORT); forward signals; wait."""
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--worker"]
+    if args.config:
+        command += ["--config", args.config]
+    env = {**os.environ, "DATABASE_URL": url}
+    workers = [subprocess.Popen(command, env=env) for _ in range(args.workers)]  # noqa: S603
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [worker.wait() for worker in workers]
+    return max(codes, default=0)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    _setup_logging(replace(settings, logging=replace(settings.logging, level="warning")))
+    from gateway.bootstrap import BootstrapRefused, bootstrap
+
+    try:
+        with database_url(settings) as url:
+            key = asyncio.run(
+                bootstrap(settings, url, email=args.email, workspace=args.workspace, force=args.force)
+            )
+    except BootstrapRefused as exc:
+        print(f"keystile: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except EmbeddedPostgresError as exc:
+        print(f"keystile: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"Admin key for {args.email} in workspace {args.workspace!r} (shown once):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    _setup_logging(settings)
+    from gateway.demo import run_demo
+
+    try:
+        with database_url(settings) as url:
+            asyncio.run(run_demo(settings, url, configured=args.config is not None))
+    except (EmbeddedPostgresError, OSError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The data-plane handler: route -> authenticate -> authorise -> stream upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway import paths, policy
+from gateway.auth import Authenticator, credential
+from gateway.config import UpstreamSettings
+from gateway.errors import ApiError, not_found
+from gateway.metrics import Metrics
+from gateway.models import Principal, iso
+from gateway.proxy import Forwarder
+from gateway.usage import LastUsedRecorder
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+_JSON = "application/json"
+
+
+class DataPlane:
+    """Answers every data-plane request; one instance per gateway application."""
+
+    def __init__(
+        self,
+        *,
+        servers: Mapping[str, UpstreamSettings],
+        chat: UpstreamSettings | None,
+        authenticator: Authenticator,
+        forwarder: Forwarder,
+        usage: LastUsedRecorder,
+        metrics: Metrics,
+        readiness: ReadinessCheck,
+    ) -> None:
+        self._servers = servers
+        self._server_names = frozenset(servers)
+        self._chat = chat
+        self._auth = authenticator
+        self._forwarder = forwarder
+        self._usage = usage
+        self._metrics = metrics
+        self._readiness = readiness
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = "invalid"
+        try:
+            route = paths.route(request.raw_path)
+            kind = route.kind
+            response = await self._dispatch(request, route)
+        except paths.PathError as exc:
+            message = f"The request path is not acceptable: {exc}."
+            response = ApiError(400, "bad_path", message).response()
+        except ApiError as err:
+            response = err.response()
+        self._metrics.requests[(kind, response.status)] += 1
+        return response
+
+    async def _dispatch(self, request: web.Request, route: paths.Route) -> web.StreamResponse:
+        if route.kind == "healthz":
+            return _json({"status": "ok"})
+        if route.kind == "readyz":
+            return await self._ready()
+        if route.kind == "unknown":
+            raise not_found()
+        principal = await self._auth.authenticate(credential(request.headers))
+        policy.check_usable(principal, datetime.now(UTC))
+        self._usage.record(principal.key.id)
+        if route.kind == "me":
+            return _json(_me(principal, self._server_names))
+        if route.kind == "mcp":
+            policy.require_server(principal, route.server, self._server_names)
+            upstream = self._servers[route.server]
+            url = upstream.url + route.upstream_path
+        else:
+            policy.require_permission(principal, "chat")
+            if self._chat is None:
+                raise not_found("No chat API is configured.")
+            upstream = self._chat
+            url = upstream.url + route.upstream_path
+        if route.query:
+            url = f"{url}?{route.query}"
+        return await self._forwarder.forward(
+            request, url, identity=_identity(principal), extra_headers=upstream.headers
+        )
+
+    async def _ready(self) -> web.Response:
+        checks = await self._readiness()
+        ready = all(checks.values())
+        return _json({"status": "ready" if ready else "not_ready", **checks}, 200 if ready else 503)
+
+
+def _identity(principal: Principal) -> tuple[tuple[str, str], ...]:
+    return (
+        ("X-Keystile-User-Id", principal.user.id),
+        ("X-Keystile-Key-Id", principal.key.id),
+        ("X-Keystile-Workspace-Id", principal.workspace.id),
+    )
+
+
+def _me(principal: Principal, configured: frozenset[str]) -> dict[str, object]:
+    key = principal.key
+    return {
+        "user": principal.user.to_json(),
+        "workspace": principal.workspace.to_json(),
+        "key": {
+            "id": key.id,
+            "name": key.name,
+            "prefix": key.prefix,
+            "servers": list(key.servers),
+            "effective_servers": sorted(policy.effective_servers(principal, configured)),
+            "permissions": list(key.permissions),
+            "expires_at": iso(key.expires_at),
+        },
+    }
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(body).encode(), content_type=_JSON)

@@ -1,0 +1,96 @@
+"""Header rewriting between client and upstream. Pure: mappings in, a multidict out.
+
+Every end-to-end header passes (MCP's Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID,
+Mcp-Method, Mcp-Param-*, ...); what is removed is a short, fixed list: hop-by-hop headers,
+the client's credentials, and identity/forwarding headers a client could forge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: credentials, the client's Host, and headers the gateway owns.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "x-api-key",
+    "x-keystile-user-id",
+    "x-keystile-key-id",
+    "x-keystile-workspace-id",
+}
+_FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+_RESPONSE_DROP = HOP_BY_HOP
+
+
+def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
+    """Headers named in Connection are hop-by-hop for this message too (RFC 9110 7.6.1)."""
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    client_ip: str,
+    scheme: str,
+    host: str,
+    trusted_client: bool,
+    identity: Iterable[tuple[str, str]],
+    extra: Mapping[str, str],
+) -> CIMultiDict[str]:
+    """Headers to send upstream.
+
+    X-Forwarded-* are replaced unless the client is a trusted proxy, whose values are kept and
+    the client's address appended to X-Forwarded-For.
+    """
+    listed = _connection_listed(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in listed:
+            continue
+        if lower in _FORWARDED and not trusted_client:
+            continue
+        if lower in _FORWARDED and lower != "forwarded":
+            continue  # rebuilt below from the kept values
+        out.add(name, value)
+    prior_for = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted_client else ""
+    out["X-Forwarded-For"] = f"{prior_for}, {client_ip}" if prior_for else client_ip
+    out["X-Forwarded-Proto"] = (
+        incoming.get("X-Forwarded-Proto", scheme) if trusted_client else scheme
+    )
+    out["X-Forwarded-Host"] = incoming.get("X-Forwarded-Host", host) if trusted_client else host
+    for name, value in identity:
+        out[name] = value
+    for name, value in extra.items():
+        out[name] = value
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Upstream response headers to send to the client: all but hop-by-hop ones."""
+    listed = _connection_listed(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in listed:
+            continue
+        out.add(name, value)
+    return out

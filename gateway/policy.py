@@ -1,0 +1,60 @@
+"""Who may reach what. Pure functions: the scope decision is made here and nowhere else."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from gateway.errors import forbidden, invalid_key
+from gateway.models import ALL_SERVERS, Principal
+
+_STATUS_MESSAGES = {
+    "disabled": "The API key is disabled.",
+    "expired": "The API key has expired.",
+    "pending": "The API key is not valid yet.",
+    "revoked": "The API key has been revoked.",
+}
+
+
+def effective_servers(principal: Principal, configured: Collection[str]) -> frozenset[str]:
+    """key servers ∩ user grants ∩ configured servers; admins hold a grant to every server."""
+    reachable = set(configured)
+    user = principal.user
+    if user.role != "admin" and ALL_SERVERS not in user.servers:
+        reachable.intersection_update(user.servers)
+    if ALL_SERVERS not in principal.key.servers:
+        reachable.intersection_update(principal.key.servers)
+    return frozenset(reachable)
+
+
+def may_reach(principal: Principal, server: str, configured: Collection[str]) -> bool:
+    if server not in configured:
+        return False
+    user = principal.user
+    if user.role != "admin" and ALL_SERVERS not in user.servers and server not in user.servers:
+        return False
+    key_servers = principal.key.servers
+    return ALL_SERVERS in key_servers or server in key_servers
+
+
+def check_usable(principal: Principal, now: datetime) -> None:
+    """Raise 401 unless the key and its user may be used now. Only called after verification,
+    so saying *why* (expired, disabled, ...) reveals nothing to someone without the secret."""
+    status = principal.key.status(now)
+    if status != "active":
+        raise invalid_key(_STATUS_MESSAGES[status])
+    if not principal.user.usable:
+        raise invalid_key("The API key's user is disabled.")
+
+
+def require_permission(principal: Principal, permission: str) -> None:
+    if permission not in principal.key.permissions:
+        raise forbidden(f"The API key lacks the '{permission}' permission.")
+
+
+def require_server(principal: Principal, server: str, configured: Collection[str]) -> None:
+    require_permission(principal, "mcp")
+    if not may_reach(principal, server, configured):
+        # Unknown and forbidden servers answer alike, so server names do not leak.
+        raise forbidden("The API key may not reach this server.")
+

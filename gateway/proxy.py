@@ -1,0 +1,171 @@
+"""Streaming a request to an upstream and its answer back.
+
+Bodies are streamed both ways; SSE events are written to the client as they arrive. Waiting
+for the upstream's response headers is bounded (504 past `response_timeout`); once the answer
+streams, only an optional idle timeout applies. After the first byte of a response is out, an
+upstream failure can no longer become an error page: the client connection is cut instead,
+so a truncated body is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+
+import aiohttp
+from aiohttp import web
+
+from gateway.config import GatewaySettings
+from gateway.errors import ApiError
+from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.metrics import Metrics
+
+log = logging.getLogger("keystile.proxy")
+
+# Bodies up to this size are already in the read buffer; reading them at once saves a
+# chunked-transfer round of small writes. Anything larger is streamed chunk by chunk.
+_SMALL_BODY = 64 * 1024
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+
+
+class Forwarder:
+    def __init__(self, settings: GatewaySettings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._trusted = settings.trusted_proxies
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=self._settings.connect_timeout, sock_read=None
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,  # pass encoded bodies through untouched
+            skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client did
+            cookie_jar=aiohttp.DummyCookieJar(),  # never mix one client's cookies into another's
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def is_trusted(self, address: str | None) -> bool:
+        if not self._trusted or address is None:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    async def forward(
+        self,
+        request: web.Request,
+        url: str,
+        *,
+        identity: Iterable[tuple[str, str]],
+        extra_headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        limit = self._settings.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise too_large(limit)
+        headers = upstream_request_headers(
+            request.headers,
+            client_ip=request.remote or "",
+            scheme=request.scheme,
+            host=request.host,
+            trusted_client=self.is_trusted(request.remote),
+            identity=identity,
+            extra=extra_headers,
+        )
+        data = await self._request_body(request, length, limit)
+        try:
+            async with asyncio.timeout(self._settings.response_timeout):
+                upstream = await self.session.request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False
+                )
+        except BodyTooLarge:
+            raise too_large(limit) from None
+        except TimeoutError:
+            self._metrics.upstream_errors += 1
+            raise ApiError(504, "upstream_timeout", "The upstream did not answer in time.") from None
+        except aiohttp.ClientError as exc:
+            self._metrics.upstream_errors += 1
+            log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)
+            raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
+        async with upstream:
+            return await self._stream_back(request, upstream)
+
+    async def _request_body(
+        self, request: web.Request, length: int | None, limit: int
+    ) -> bytes | AsyncIterator[bytes] | None:
+        if not request.body_exists:
+            return None if request.method in _NO_BODY_METHODS or length is None else b""
+        if length is not None and length <= _SMALL_BODY:
+            return await request.read()
+        return _limited(request.content, limit)
+
+    async def _stream_back(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=downstream_response_headers(upstream.headers),
+        )
+        await response.prepare(request)
+        idle = self._settings.stream_idle_timeout
+        try:
+            if idle > 0:
+                while chunk := await asyncio.wait_for(upstream.content.readany(), idle):
+                    await response.write(chunk)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: the only honest signal left is cutting the connection.
+            self._metrics.upstream_errors += 1
+            log.warning("upstream stream broke: %s", type(exc).__name__)
+            _abort(request)
+            return response
+        except ConnectionResetError:
+            return response  # the client went away; leaving `async with` releases upstream
+        await response.write_eof()
+        return response
+
+
+async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    total = 0
+    async for chunk in content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _origin(url: str) -> str:
+    """Scheme and host of an upstream URL, for logs (paths may carry tokens)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"

@@ -1,0 +1,99 @@
+"""Everything one Keystile process shares between its data plane and admin plane.
+
+Opened and closed in one place (`open_runtime`), in dependency order: pool and migrations,
+then cache, key verification and the last-used writer; closed in reverse, flushing last-used
+before the pool goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from gateway.auth import STORE_ERRORS, Authenticator
+from gateway.cache import KeyCache
+from gateway.config import Settings
+from gateway.db import connect_and_migrate
+from gateway.keyring import Keyring
+from gateway.keys import KeyHasher
+from gateway.metrics import Metrics
+from gateway.store import Store
+from gateway.usage import LastUsedRecorder
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    pool: asyncpg.Pool
+    store: Store
+    cache: KeyCache
+    keyring: Keyring
+    authenticator: Authenticator
+    usage: LastUsedRecorder
+    metrics: Metrics
+
+    async def readiness(self) -> dict[str, bool]:
+        """Readiness facts for /readyz: can the key store answer right now?"""
+        try:
+            async with asyncio.timeout(1.0):
+                await self.pool.fetchval("SELECT 1")
+            store_ok = True
+        except STORE_ERRORS:
+            store_ok = False
+        return {"store": store_ok}
+
+
+def make_hasher(settings: Settings) -> KeyHasher:
+    k = settings.keys
+    return KeyHasher(
+        time_cost=k.argon2_time_cost, memory_kib=k.argon2_memory_kib, parallelism=k.argon2_parallelism
+    )
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtime]:
+    pool = await connect_and_migrate(database_url, settings.database)
+    metrics = Metrics()
+    store = Store(pool)
+    k = settings.keys
+    cache = KeyCache(
+        max_entries=k.cache_max_entries,
+        ttl_seconds=k.cache_ttl_seconds,
+        negative_max_entries=k.negative_max_entries,
+        negative_ttl_seconds=k.negative_ttl_seconds,
+    )
+    hasher = make_hasher(settings)
+    authenticator = Authenticator(
+        store=store,
+        cache=cache,
+        hasher=hasher,
+        metrics=metrics,
+        verify_concurrency=k.verify_concurrency,
+    )
+    usage = LastUsedRecorder(
+        store,
+        metrics,
+        interval=settings.usage.flush_interval_seconds,
+        max_pending=settings.usage.max_pending,
+    )
+    runtime = Runtime(
+        settings=settings,
+        pool=pool,
+        store=store,
+        cache=cache,
+        keyring=Keyring(store, cache, hasher),
+        authenticator=authenticator,
+        usage=usage,
+        metrics=metrics,
+    )
+    usage.start()
+    try:
+        yield runtime
+    finally:
+        await usage.stop()
+        authenticator.close()
+        await pool.close()
