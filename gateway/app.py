@@ -87,11 +87,15 @@ async def serve_until_signalled(
         settings = runtime.settings
         runners = [
             await start_site(
-                create_gateway_app(runtime), settings.gateway.listen, settings=settings,
+                create_gateway_app(runtime),
+                settings.gateway.listen,
+                settings=settings,
                 reuse_port=reuse_port,
             ),
             await start_site(
-                admin_factory(runtime), settings.admin.listen, settings=settings,
+                admin_factory(runtime),
+                settings.admin.listen,
+                settings=settings,
                 reuse_port=reuse_port,
             ),
         ]

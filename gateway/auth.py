@@ -99,7 +99,9 @@ class Authenticator:
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter still gets it re-raised
 
-    async def _load_and_verify(self, parsed: keys.ParsedKey, fingerprint: bytes) -> Principal | None:
+    async def _load_and_verify(
+        self, parsed: keys.ParsedKey, fingerprint: bytes
+    ) -> Principal | None:
         epoch = self._cache.epoch
         try:
             loaded = await self._store.load_principal(parsed.key_id)
@@ -124,7 +126,9 @@ class Authenticator:
     ) -> VerifiedSecret | None:
         loop = asyncio.get_running_loop()
         self._metrics.argon2_verifications += 1
-        if await loop.run_in_executor(self._executor, self._hasher.verify, hashes.current, full_key):
+        if await loop.run_in_executor(
+            self._executor, self._hasher.verify, hashes.current, full_key
+        ):
             return VerifiedSecret(fingerprint, None)
         if hashes.previous is not None and _within(hashes.previous_expires_at):
             self._metrics.argon2_verifications += 1

@@ -30,7 +30,11 @@ async def issue_admin_key(
         )
     if admin_id is None:
         user = await keyring.create_user(
-            system, email=email, display_name="Administrator", role="admin", servers=["*"],
+            system,
+            email=email,
+            display_name="Administrator",
+            role="admin",
+            servers=["*"],
             bootstrap=True,
         )
         admin_id = user.id

@@ -160,7 +160,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     try:
         with database_url(settings) as url:
             key = asyncio.run(
-                bootstrap(settings, url, email=args.email, workspace=args.workspace, force=args.force)
+                bootstrap(
+                    settings, url, email=args.email, workspace=args.workspace, force=args.force
+                )
             )
     except BootstrapRefused as exc:
         print(f"keystile: {exc}", file=sys.stderr)
@@ -168,7 +170,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     except EmbeddedPostgresError as exc:
         print(f"keystile: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"Admin key for {args.email} in workspace {args.workspace!r} (shown once):", file=sys.stderr)
+    print(
+        f"Admin key for {args.email} in workspace {args.workspace!r} (shown once):", file=sys.stderr
+    )
     print(key)
     return 0
 

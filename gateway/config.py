@@ -62,7 +62,7 @@ class AdminSettings:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
-    url: Secret = Secret("")
+    url: Secret = Secret("")  # noqa: RUF009 - an immutable str
     data_dir: str = ".keystile"
     pool_min_size: int = 1
     pool_max_size: int = 10
@@ -142,7 +142,7 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
-    """Overlay KEYSTILE_<SECTION>_<KEY> and DATABASE_URL; values are parsed as TOML when they can be."""
+    """Overlay KEYSTILE_<SECTION>_<KEY> and DATABASE_URL; values parse as TOML when they can."""
     if env.get("DATABASE_URL"):
         raw.setdefault("database", {})["url"] = env["DATABASE_URL"]
     for name, value in env.items():
@@ -247,7 +247,9 @@ def _build_upstream(
     for hname, hvalue in headers.items():
         missing = [m for m in _ENV_REF.findall(hvalue) if m not in env]
         if missing:
-            problems.append(f"{where}.headers.{hname}: environment variable {missing[0]} is not set")
+            problems.append(
+                f"{where}.headers.{hname}: environment variable {missing[0]} is not set"
+            )
             ok = False
             continue
         value = _ENV_REF.sub(lambda m: env[m.group(1)], hvalue)

@@ -7,10 +7,14 @@ from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.config import DatabaseSettings
 
 log = logging.getLogger("keystile.db")
+
+# A connection of our own or one borrowed from a pool: both run the same statements.
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 # Any constant works; it only has to be the same for every Keystile process on a database.
 MIGRATION_LOCK_ID = 0x6B657973  # "keys"
@@ -41,7 +45,7 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
+async def migrate(conn: Connection) -> list[int]:
     """Apply pending migrations under an advisory lock; return the versions applied here.
 
     The lock is taken before anything else, so processes starting together on an empty

@@ -20,7 +20,7 @@ DEMO_MEMBER = "demo@localhost"
 
 
 def demo_settings(settings: Settings, sample_url: str, *, configured: bool) -> Settings:
-    """Point a `sample` server and the chat API at the bundled sample; loopback unless configured."""
+    """Point a `sample` server and the chat API at the bundled sample server."""
     servers = {**settings.mcp_servers, DEMO_SERVER: UpstreamSettings(url=sample_url + MCP_PATH)}
     demo = replace(
         settings,
@@ -39,7 +39,9 @@ async def run_demo(settings: Settings, database_url: str, *, configured: bool) -
     runner, port = await start_sample_server("127.0.0.1", 0)
     try:
         demo = demo_settings(settings, f"http://127.0.0.1:{port}", configured=configured)
-        await serve_until_signalled(open_runtime(demo, database_url), create_admin_app, ready=_ready)
+        await serve_until_signalled(
+            open_runtime(demo, database_url), create_admin_app, ready=_ready
+        )
     finally:
         await runner.cleanup()
 
@@ -49,7 +51,10 @@ async def _ready(runtime: Runtime, gateway_port: int, admin_port: int) -> None:
     gateway = f"http://127.0.0.1:{gateway_port}"
     admin = f"http://127.0.0.1:{admin_port}"
     rpc = "-H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream'"
-    call = '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}'
+    call = (
+        '{"jsonrpc":"2.0","id":2,"method":"tools/call",'
+        '"params":{"name":"echo","arguments":{"text":"hi"}}}'
+    )
     print(
         f"""
 Keystile demo is running (Ctrl-C stops everything).
@@ -87,7 +92,10 @@ async def issue_demo_keys(keyring: Keyring) -> tuple[str, str]:
         if key.name in ("demo-admin", "demo-scoped"):
             await keyring.revoke_key(system, key.id)
     admin = await issue_admin_key(
-        keyring, workspace=DEMO_WORKSPACE, email="admin@localhost", force=True,
+        keyring,
+        workspace=DEMO_WORKSPACE,
+        email="admin@localhost",
+        force=True,
         key_name="demo-admin",
     )
     member = next((u for u in await keyring.store.users(ws.id) if u.email == DEMO_MEMBER), None)

@@ -53,7 +53,9 @@ class EmbeddedPostgres:
         options = f"-h 127.0.0.1 -p {self.port} -k '' -c fsync={'on' if self.fsync else 'off'}"
         if not self.fsync:
             options += " -c synchronous_commit=off -c full_page_writes=off"
-        self._pg_ctl("-w", "-t", str(int(_START_TIMEOUT)), "-o", options, "-l", str(self._log), "start")
+        self._pg_ctl(
+            "-w", "-t", str(int(_START_TIMEOUT)), "-o", options, "-l", str(self._log), "start"
+        )
         self.started_here = True
         return self.url
 

@@ -82,7 +82,7 @@ def parse(text: str) -> ParsedKey | None:
     if not _ALPHABET_SET.issuperset(tail):
         return None
     secret, check = tail[:SECRET_LENGTH], tail[SECRET_LENGTH:]
-    if not hmac.compare_digest(checksum(text[: -CHECKSUM_LENGTH]), check):
+    if not hmac.compare_digest(checksum(text[:-CHECKSUM_LENGTH]), check):
         return None
     return ParsedKey(user_id, key_id, secret, text)
 

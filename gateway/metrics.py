@@ -48,7 +48,11 @@ _SCALARS = (
     ("upstream_errors_total", "counter", "Requests answered 502/504 because of the upstream."),
     ("last_used_flushes_total", "counter", "Successful last-used batch writes."),
     ("last_used_flush_failures_total", "counter", "Failed last-used batch writes (retried)."),
-    ("last_used_dropped_total", "counter", "Last-used updates dropped because the buffer was full."),
+    (
+        "last_used_dropped_total",
+        "counter",
+        "Last-used updates dropped because the buffer was full.",
+    ),
     ("last_used_pending", "gauge", "Last-used updates waiting to be written."),
     ("cached_keys", "gauge", "Verified keys held in the cache."),
 )

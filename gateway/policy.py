@@ -57,4 +57,3 @@ def require_server(principal: Principal, server: str, configured: Collection[str
     if not may_reach(principal, server, configured):
         # Unknown and forbidden servers answer alike, so server names do not leak.
         raise forbidden("The API key may not reach this server.")
-

@@ -104,7 +104,9 @@ class Forwarder:
             raise too_large(limit) from None
         except TimeoutError:
             self._metrics.upstream_errors += 1
-            raise ApiError(504, "upstream_timeout", "The upstream did not answer in time.") from None
+            raise ApiError(
+                504, "upstream_timeout", "The upstream did not answer in time."
+            ) from None
         except aiohttp.ClientError as exc:
             self._metrics.upstream_errors += 1
             log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)

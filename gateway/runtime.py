@@ -50,7 +50,9 @@ class Runtime:
 def make_hasher(settings: Settings) -> KeyHasher:
     k = settings.keys
     return KeyHasher(
-        time_cost=k.argon2_time_cost, memory_kib=k.argon2_memory_kib, parallelism=k.argon2_parallelism
+        time_cost=k.argon2_time_cost,
+        memory_kib=k.argon2_memory_kib,
+        parallelism=k.argon2_parallelism,
     )
 
 

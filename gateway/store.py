@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.db import Connection
 from gateway.models import ApiKey, KeyHashes, Principal, User, Workspace
 
 INVALIDATE_CHANNEL = "keystile_invalidate"
@@ -384,7 +385,7 @@ class Store:
 
 
 async def _fetch_user(
-    conn: asyncpg.Connection, user_id: str, workspace_id: str, *, lock: bool = False
+    conn: Connection, user_id: str, workspace_id: str, *, lock: bool = False
 ) -> User | None:
     if lock:
         await conn.execute(
@@ -397,7 +398,7 @@ async def _fetch_user(
 
 
 async def _audit(
-    conn: asyncpg.Connection,
+    conn: Connection,
     actor: Actor,
     action: str,
     target_type: str,
@@ -416,7 +417,7 @@ async def _audit(
     )
 
 
-async def _notify(conn: asyncpg.Connection, kind: str, target_id: str) -> None:
+async def _notify(conn: Connection, kind: str, target_id: str) -> None:
     # Delivered only if the transaction commits: exactly the changes that happened.
     await conn.execute(NOTIFY, INVALIDATE_CHANNEL, f"{kind}:{target_id}")
 
