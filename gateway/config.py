@@ -132,6 +132,8 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: not valid TOML: the file is not UTF-8"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     _apply_env(raw, env, problems)
@@ -144,7 +146,11 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
     """Overlay KEYSTILE_<SECTION>_<KEY> and DATABASE_URL; values parse as TOML when they can."""
     if env.get("DATABASE_URL"):
-        raw.setdefault("database", {})["url"] = env["DATABASE_URL"]
+        table = raw.setdefault("database", {})
+        if isinstance(table, dict):
+            table["url"] = env["DATABASE_URL"]
+        else:
+            problems.append("DATABASE_URL: [database] in the file is not a table")
     for name, value in env.items():
         if not name.startswith("KEYSTILE_"):
             continue
@@ -161,10 +167,12 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], problems: list[str])
 
 
 def _env_value(text: str) -> Any:
+    """A TOML literal (number, bool, list, quoted string) if `text` is exactly one; else text."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        parsed = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    return parsed["v"] if len(parsed) == 1 and "\n" not in text else text
 
 
 def _build(raw: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> Settings:
@@ -199,7 +207,9 @@ def _build_section(name: str, cls: type[Any], table: dict[str, Any], problems: l
         try:
             values[key] = parser(value)
         except (TypeError, ValueError) as exc:
-            problems.append(f"{name}.{key}: {exc} (got {value!r})")
+            # Never echo a secret (a database URL carries its password) into an error line.
+            shown = "" if isinstance(getattr(defaults, key), Secret) else f" (got {value!r})"
+            problems.append(f"{name}.{key}: {exc}{shown}")
     for key in names - values.keys():
         values[key] = getattr(defaults, key)
     return cls(**values)
@@ -265,7 +275,8 @@ def _cross_check(settings: Settings, problems: list[str]) -> None:
     db = settings.database
     if db.pool_min_size > db.pool_max_size:
         problems.append("database.pool_min_size: must not exceed database.pool_max_size")
-    if settings.gateway.listen == settings.admin.listen:
+    # Port 0 asks the OS for a free port, so two port-0 listeners never collide.
+    if settings.gateway.listen == settings.admin.listen and settings.admin.listen.port != 0:
         problems.append("admin.listen: must differ from gateway.listen")
 
 
@@ -288,7 +299,7 @@ def _number(minimum: float, *, exclusive: bool = False) -> Callable[[Any], float
     def parse(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise TypeError("expected a number")
-        if value < minimum or (exclusive and value == minimum):
+        if value != value or value < minimum or (exclusive and value == minimum):  # NaN
             raise ValueError(f"expected a number {'>' if exclusive else '>='} {minimum}")
         return float(value)
 

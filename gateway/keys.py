@@ -127,5 +127,5 @@ class KeyHasher:
         """Constant-time comparison inside argon2; False on mismatch or a corrupt hash."""
         try:
             return self._hasher.verify(stored_hash, full_key)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            return False
+        except (VerifyMismatchError, VerificationError, InvalidHashError, UnicodeEncodeError):
+            return False  # UnicodeEncodeError: a corrupt, non-ASCII stored hash

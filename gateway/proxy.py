@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError
@@ -98,16 +99,20 @@ class Forwarder:
         try:
             async with asyncio.timeout(self._settings.response_timeout):
                 upstream = await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False
+                    request.method,
+                    URL(url, encoded=True),  # the path was judged raw: send it byte for byte
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
                 )
-        except BodyTooLarge:
-            raise too_large(limit) from None
         except TimeoutError:
             self._metrics.upstream_errors += 1
             raise ApiError(
                 504, "upstream_timeout", "The upstream did not answer in time."
             ) from None
         except aiohttp.ClientError as exc:
+            if isinstance(data, LimitedBody) and data.exceeded:
+                raise too_large(limit) from None
             self._metrics.upstream_errors += 1
             log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
@@ -116,12 +121,12 @@ class Forwarder:
 
     async def _request_body(
         self, request: web.Request, length: int | None, limit: int
-    ) -> bytes | AsyncIterator[bytes] | None:
+    ) -> bytes | LimitedBody | None:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
         if length is not None and length <= _SMALL_BODY:
             return await request.read()
-        return _limited(request.content, limit)
+        return LimitedBody(request.content, limit)
 
     async def _stream_back(
         self, request: web.Request, upstream: aiohttp.ClientResponse
@@ -152,13 +157,26 @@ class Forwarder:
         return response
 
 
-async def _limited(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    total = 0
-    async for chunk in content.iter_any():
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge
-        yield chunk
+class LimitedBody:
+    """A streamed request body that stops the upload once it passes `limit` bytes.
+
+    aiohttp wraps errors raised while sending into ClientConnectionError, so the reason is
+    kept on the object for the caller to turn into 413.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in self._content.iter_any():
+            total += len(chunk)
+            if total > self._limit:
+                self.exceeded = True
+                raise BodyTooLarge
+            yield chunk
 
 
 def _abort(request: web.Request) -> None:

@@ -1,0 +1,297 @@
+"""What reaches the upstream and what comes back: headers, bodies, streams, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.keyring import IssuedKey
+from tests.support import Keystile, Upstream, make_settings, start_keystile
+
+
+async def a_key(keystile: Keystile, permissions: tuple[str, ...] = ("mcp", "chat")) -> IssuedKey:
+    user = await keystile.user(servers=["*"])
+    return await keystile.key(user, permissions=permissions)
+
+
+async def test_upstream_never_sees_client_credentials(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    headers = {"X-API-Key": issued.key, "Proxy-Authorization": "Basic eA=="}
+    status, _, body = await keystile.request(
+        "POST", "/mcp-connect/github/", issued.key, headers=headers, json={"a": 1}
+    )
+    assert status == 200
+    seen = upstream.seen[-1]
+    assert "authorization" not in seen["headers"]
+    assert "x-api-key" not in seen["headers"]
+    assert "proxy-authorization" not in seen["headers"]
+    assert issued.key not in str(seen)
+
+
+async def test_configured_upstream_headers_replace_client_auth(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    status, _, _ = await keystile.request("GET", "/mcp-connect/tokened/x", issued.key)
+    assert status == 200
+    assert upstream.seen[-1]["headers"]["authorization"] == "Bearer upstream-token"
+
+
+async def test_identity_headers_are_set_and_forged_copies_removed(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    forged = {
+        "X-Keystile-User-Id": "someone-else",
+        "X-Keystile-Key-Id": "forged",
+        "X-Keystile-Workspace-Id": "other",
+    }
+    await keystile.request("GET", "/mcp-connect/github/", issued.key, headers=forged)
+    seen = upstream.seen[-1]
+    assert seen["headers"]["x-keystile-user-id"] == issued.record.user_id
+    assert seen["headers"]["x-keystile-key-id"] == issued.record.id
+    assert seen["headers"]["x-keystile-workspace-id"] == issued.record.workspace_id
+    names = [name.lower() for name, _ in seen["header_list"]]
+    assert names.count("x-keystile-user-id") == 1
+
+
+async def test_forwarded_headers_replace_client_values(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    spoofed = {"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Host": "evil", "Forwarded": "for=6"}
+    await keystile.request("GET", "/mcp-connect/github/", issued.key, headers=spoofed)
+    seen = upstream.seen[-1]["headers"]
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-host"] == f"127.0.0.1:{keystile.gateway_port}"
+    assert "forwarded" not in seen
+
+
+async def test_trusted_proxy_values_are_kept_and_appended(
+    database_url: str, upstream: Upstream
+) -> None:
+    import ipaddress
+
+    settings = make_settings(
+        upstream, gateway={"trusted_proxies": (ipaddress.ip_network("127.0.0.0/8"),)}
+    )
+    async with start_keystile(settings, database_url) as ks:
+        issued = await a_key(ks)
+        headers = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+        await ks.request("GET", "/mcp-connect/github/", issued.key, headers=headers)
+    seen = upstream.seen[-1]["headers"]
+    assert seen["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+
+
+async def test_host_sent_upstream_is_the_upstream_own(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    await keystile.request(
+        "GET", "/mcp-connect/github/", issued.key, headers={"Host": "evil.example"}
+    )
+    assert upstream.seen[-1]["headers"]["host"] == f"127.0.0.1:{upstream.port}"
+
+
+async def test_mcp_headers_pass_both_ways(keystile: Keystile, upstream: Upstream) -> None:
+    issued = await a_key(keystile)
+    mcp = {
+        "Mcp-Session-Id": "abc123",
+        "MCP-Protocol-Version": "2025-11-25",
+        "Last-Event-ID": "41",
+        "Mcp-Method": "tools/call",
+        "Mcp-Name": "echo",
+        "Mcp-Param-Text": "hi",
+        "X-Custom": "kept",
+    }
+    status, headers, _ = await keystile.request(
+        "POST", "/mcp-connect/github/", issued.key, headers=mcp, json={}
+    )
+    assert status == 200
+    seen = upstream.seen[-1]["headers"]
+    for name, value in mcp.items():
+        assert seen[name.lower()] == value
+    assert headers["Mcp-Session-Id"] == "abc123"
+    assert headers["X-Upstream"] == "yes"
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    request_headers = {"Connection": "keep-alive, X-Hop", "X-Hop": "private", "TE": "trailers"}
+    status, headers, _ = await keystile.request(
+        "GET", "/mcp-connect/gitlab/hop", issued.key, headers=request_headers
+    )
+    assert status == 200
+    seen = upstream.seen[-1]["headers"]
+    assert "x-hop" not in seen and "te" not in seen
+    assert "X-Private-Hop" not in headers
+    assert headers["X-End"] == "kept"
+
+
+async def test_query_string_is_kept(keystile: Keystile, upstream: Upstream) -> None:
+    issued = await a_key(keystile)
+    await keystile.request("GET", "/mcp-connect/github/tools?sessionId=a%20b&x=1", issued.key)
+    seen = upstream.seen[-1]
+    assert (seen["path"], seen["query"]) == ("/github/mcp/tools", "sessionId=a%20b&x=1")
+
+
+async def test_bare_server_path_forwards_to_the_url_itself(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    await keystile.request("POST", "/mcp-connect/github", issued.key, json={})
+    assert upstream.seen[-1]["path"] == "/github/mcp"
+
+
+async def test_request_body_reaches_upstream(keystile: Keystile, upstream: Upstream) -> None:
+    issued = await a_key(keystile)
+    payload = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    status, _, body = await keystile.request(
+        "POST", "/mcp-connect/github/", issued.key, json=payload
+    )
+    assert status == 200
+    assert body["body"] == '{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
+
+
+async def test_large_chunked_upload_streams_through(keystile: Keystile) -> None:
+    issued = await a_key(keystile)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"y" * 65536
+
+    status, _, body = await keystile.request(
+        "POST", "/mcp-connect/gitlab/upload", issued.key, data=chunks()
+    )
+    assert status == 200
+    assert body["received"] == 64 * 65536
+
+
+async def test_body_over_limit_is_413(database_url: str, upstream: Upstream) -> None:
+    settings = make_settings(upstream, gateway={"max_body_bytes": 1000})
+    async with start_keystile(settings, database_url) as ks:
+        issued = await a_key(ks)
+        status, _, body = await ks.request(
+            "POST", "/mcp-connect/github/", issued.key, data=b"x" * 1001
+        )
+        assert status == 413 and body["error"] == "body_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(10):
+                yield b"z" * 500
+
+        status, _, body = await ks.request(
+            "POST", "/mcp-connect/github/", issued.key, data=chunks()
+        )
+        assert status == 413
+    assert all(seen["body"] != "x" * 1001 for seen in upstream.seen)
+
+
+async def test_unreachable_upstream_is_502(database_url: str) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = make_settings()
+    from dataclasses import replace
+
+    from gateway.config import UpstreamSettings
+
+    settings = replace(
+        settings, mcp_servers={"down": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")}
+    )
+    async with start_keystile(settings, database_url) as ks:
+        issued = await a_key(ks)
+        status, _, body = await ks.request("GET", "/mcp-connect/down/", issued.key)
+    assert status == 502 and body["error"] == "bad_gateway"
+    assert set(body) == {"error", "message"}
+
+
+async def test_upstream_slower_than_response_timeout_is_504(
+    database_url: str, upstream: Upstream
+) -> None:
+    settings = make_settings(upstream, gateway={"response_timeout": 0.3})
+    async with start_keystile(settings, database_url) as ks:
+        issued = await a_key(ks)
+        status, _, body = await ks.request("GET", "/api/v1/slow?seconds=1.5", issued.key)
+    assert status == 504 and body["error"] == "upstream_timeout"
+
+
+async def test_sse_events_arrive_spread_out_not_at_the_end(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    arrivals: list[float] = []
+    url = keystile.gateway + "/mcp-connect/gitlab/sse"
+    headers = {"Authorization": f"Bearer {issued.key}", "Accept": "text/event-stream"}
+    async with keystile.http.get(url + "?count=5&delay=0.2", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        async for line in resp.content:
+            if line.startswith(b"data:"):
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 5
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    # Produced 200 ms apart: each must arrive well after the previous, not in one burst.
+    assert all(gap > 0.1 for gap in gaps), gaps
+
+
+async def test_ten_mib_response_streams_through(keystile: Keystile) -> None:
+    issued = await a_key(keystile)
+    url = keystile.gateway + "/mcp-connect/gitlab/big"
+    total = 0
+    async with keystile.http.get(url, headers={"Authorization": f"Bearer {issued.key}"}) as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_any():
+            total += len(chunk)
+    assert total == 10 * 1024 * 1024
+
+
+async def test_upstream_reset_mid_stream_cuts_the_client(keystile: Keystile) -> None:
+    issued = await a_key(keystile)
+    url = keystile.gateway + "/mcp-connect/gitlab/reset"
+    received = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with keystile.http.get(
+            url, headers={"Authorization": f"Bearer {issued.key}"}
+        ) as resp:
+            assert resp.status == 200
+            async with asyncio.timeout(5):
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+    assert received.startswith(b"data: first")
+
+
+async def test_unknown_route_is_404_json(keystile: Keystile) -> None:
+    status, _, body = await keystile.request("GET", "/nothing/here")
+    assert status == 404 and body["error"] == "not_found"
+
+
+async def test_hostile_path_is_400_and_reaches_nobody(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    user = await keystile.user("narrow@example.com", servers=["*"])
+    narrow = await keystile.key(user, servers=["github"])
+    for path in ("/mcp-connect/github/%2e%2e/%2e%2e/gitlab/x", "/mcp-connect/github/..%2fgitlab"):
+        status, _, body = await keystile.request("GET", path, narrow.key)
+        assert status == 400 and body["error"] == "bad_path"
+    assert upstream.seen == []
+    assert (await keystile.request("GET", "/mcp-connect/github/x", issued.key))[0] == 200
+
+
+async def test_health_endpoints(keystile: Keystile) -> None:
+    assert (await keystile.request("GET", "/healthz"))[:1] == (200,)
+    status, _, body = await keystile.request("GET", "/readyz")
+    assert status == 200 and body["store"] is True
