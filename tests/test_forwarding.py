@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,7 @@ async def test_upstream_never_sees_client_credentials(
         "POST", "/mcp-connect/github/", issued.key, headers=headers, json={"a": 1}
     )
     assert status == 200
+    assert body["body"] == '{"a": 1}'
     seen = upstream.seen[-1]
     assert "authorization" not in seen["headers"]
     assert "x-api-key" not in seen["headers"]
@@ -242,7 +244,7 @@ async def test_sse_events_arrive_spread_out_not_at_the_end(
             if line.startswith(b"data:"):
                 arrivals.append(time.monotonic())
     assert len(arrivals) == 5
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # Produced 200 ms apart: each must arrive well after the previous, not in one burst.
     assert all(gap > 0.1 for gap in gaps), gaps
 

@@ -43,8 +43,8 @@ def serve_process(
     return proc, gateway_port
 
 
-async def wait_ready(port: int, timeout: float = 30.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
+async def wait_ready(port: int, within: float = 30.0) -> dict[str, object]:
+    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as http:
         while True:
             try:
