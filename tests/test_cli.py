@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -78,7 +78,12 @@ def _read_until(proc: subprocess.Popen[str], marker: str, within: float) -> str:
     """Collect stdout lines until `marker` shows up (a thread reads, so no pipe buffering games)."""
     assert proc.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True).start()
+
+    def pump() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     text = ""
     deadline = time.monotonic() + within
     while marker not in text:
