@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import subprocess
 import time
 import warnings
@@ -82,10 +83,10 @@ class EmbeddedPostgres:
 
     def _init_cluster(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if (self.pgdata / "PG_VERSION").exists():
-            return
         self.pgdata.mkdir(exist_ok=True)
         self._grant_to_system_user()
+        if (self.pgdata / "PG_VERSION").exists():
+            return
         self._run(
             "initdb",
             "--auth=trust",
@@ -114,14 +115,26 @@ class EmbeddedPostgres:
         return int(lines[3])
 
     def _grant_to_system_user(self) -> None:
+        """As root, PostgreSQL runs as an unprivileged user, who must reach data and binaries.
+
+        The wheel may sit under a private directory (a venv in a mktemp dir): open the path
+        prefixes for traversal and the installation for reading, as pgserver itself does.
+        """
         if os.geteuid() != 0:
             return
-        ensure_prefix_permissions, ensure_user_exists = _pgserver_utils(
-            "ensure_prefix_permissions", "ensure_user_exists"
+        prefix_ok, folder_ok, add_user, versions, target = _pgserver_utils(
+            "ensure_prefix_permissions",
+            "ensure_folder_permissions",
+            "ensure_user_exists",
+            "POSTGRES_VERSIONS",
+            "TARGET_POSTGRES_VERSION",
         )
-        entry = ensure_user_exists(_SYSTEM_USER)
-        assert entry is not None
-        ensure_prefix_permissions(self.pgdata)
+        entry = add_user(_SYSTEM_USER)
+        install = versions[target]
+        prefix_ok(install)
+        folder_ok(install, stat.S_IXGRP | stat.S_IXOTH | stat.S_IRGRP | stat.S_IROTH)
+        folder_ok(install.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        prefix_ok(self.pgdata)
         os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         self._log.touch(exist_ok=True)
         os.chown(self._log, entry.pw_uid, entry.pw_gid)
