@@ -250,3 +250,59 @@ async def start_keystile(settings: Settings, database_url: str) -> AsyncIterator
         finally:
             await gateway.cleanup()
             await admin.cleanup()
+
+
+class FaultyProxy:
+    """A TCP proxy on 127.0.0.1 that can cut the path to its target on demand.
+
+    `cut()` closes the listening socket and every open connection, so new connections are
+    refused at once; `restore()` listens again on the same port.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, LOOPBACK, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        await self.start()
+
+    def url_for(self, database_url: str) -> str:
+        """The same database URL, routed through this proxy."""
+        head, _, tail = database_url.partition("@")
+        _, _, path = tail.partition("/")
+        return f"{head}@{LOOPBACK}:{self.port}/{path}"
