@@ -96,6 +96,7 @@ class Keyring:
         expires_at: datetime | None = None,
         rate_limit: Mapping[str, int] | None = None,
         allowed_cidrs: Sequence[str] | None = None,
+        is_active: bool = True,
     ) -> IssuedKey:
         key_id = keys.new_id()
         minted = keys.generate(user_id, key_id)
@@ -113,6 +114,7 @@ class Keyring:
             secret_prefix=minted.secret[:4],
             rate_limit=rate_limit,
             allowed_cidrs=allowed_cidrs,
+            is_active=is_active,
         )
         return IssuedKey(record, minted.full)
 

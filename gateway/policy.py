@@ -6,7 +6,7 @@ from collections.abc import Collection
 from datetime import datetime
 
 from gateway.errors import forbidden, invalid_key
-from gateway.models import ALL_SERVERS, Principal
+from gateway.models import ALL_SERVERS, Principal, User
 
 _STATUS_MESSAGES = {
     "disabled": "The API key is disabled.",
@@ -16,12 +16,16 @@ _STATUS_MESSAGES = {
 }
 
 
+def user_servers(user: User, configured: Collection[str]) -> frozenset[str]:
+    """The configured servers a user may reach at all: admins every one, members their grants."""
+    if user.role == "admin" or ALL_SERVERS in user.servers:
+        return frozenset(configured)
+    return frozenset(configured).intersection(user.servers)
+
+
 def effective_servers(principal: Principal, configured: Collection[str]) -> frozenset[str]:
     """key servers ∩ user grants ∩ configured servers; admins hold a grant to every server."""
-    reachable = set(configured)
-    user = principal.user
-    if user.role != "admin" and ALL_SERVERS not in user.servers:
-        reachable.intersection_update(user.servers)
+    reachable = set(user_servers(principal.user, configured))
     if ALL_SERVERS not in principal.key.servers:
         reachable.intersection_update(principal.key.servers)
     return frozenset(reachable)

@@ -84,8 +84,8 @@ INSERT_GRANTS = "INSERT INTO server_grants (user_id, server) SELECT $1, unnest($
 INSERT_KEY = f"""
 INSERT INTO api_keys AS k (id, user_id, workspace_id, name, description, servers, permissions,
                            valid_from, expires_at, secret_hash, secret_prefix, rate_limit,
-                           allowed_cidrs)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                           allowed_cidrs, is_active)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 RETURNING {_KEY_COLUMNS}
 """
 KEY_BY_ID = f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE k.id = $1 AND k.workspace_id = $2"
@@ -110,6 +110,10 @@ INSERT INTO audit_events (workspace_id, actor_user_id, actor_key_id, action, tar
 VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
 """
 NOTIFY = "SELECT pg_notify($1, $2)"
+AUDIT_PAGE = """
+SELECT id, action, target_type, target_id, actor_user_id, actor_key_id, changes, created_at
+FROM audit_events WHERE workspace_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+"""
 
 # Columns a PATCH may change, with their SQL casts; the values are bound, never interpolated.
 KEY_UPDATABLE = {
@@ -272,6 +276,7 @@ class Store:
         secret_prefix: str,
         rate_limit: Mapping[str, int] | None = None,
         allowed_cidrs: Sequence[str] | None = None,
+        is_active: bool = True,
     ) -> ApiKey:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -289,6 +294,7 @@ class Store:
                 secret_prefix,
                 json.dumps(rate_limit) if rate_limit is not None else None,
                 list(allowed_cidrs) if allowed_cidrs is not None else None,
+                is_active,
             )
             assert row is not None
             key = _key(row)
@@ -375,6 +381,27 @@ class Store:
             await _notify(conn, "key", key_id)
             return _key(row)
 
+    async def audit_events(
+        self, workspace_id: str, *, before: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Newest first; `before` is the id of the last event of the previous page."""
+        rows = await self.pool.fetch(
+            AUDIT_PAGE, workspace_id, before if before is not None else 2**62, limit
+        )
+        return [
+            {
+                "id": r["id"],
+                "action": r["action"],
+                "target_type": r["target_type"],
+                "target_id": r["target_id"],
+                "actor_user_id": r["actor_user_id"],
+                "actor_key_id": r["actor_key_id"],
+                "changes": json.loads(r["changes"]),
+                "created_at": r["created_at"],
+            }
+            for r in rows
+        ]
+
     async def now(self) -> datetime:
         value = await self.pool.fetchval("SELECT now()")
         assert isinstance(value, datetime)
@@ -458,6 +485,7 @@ def _key_action(changes: Mapping[str, Any]) -> str:
 
 def _key_audit(key: ApiKey) -> dict[str, Any]:
     return {
+        "is_active": key.is_active,
         "name": key.name,
         "user_id": key.user_id,
         "servers": list(key.servers),
