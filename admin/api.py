@@ -196,6 +196,7 @@ async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     runtime.metrics.cached_keys = len(runtime.cache)
     runtime.metrics.last_used_pending = runtime.usage.pending
+    runtime.metrics.listener_up = int(runtime.listener.connected)
     return web.Response(text=runtime.metrics.render(), content_type="text/plain")
 
 

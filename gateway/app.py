@@ -41,7 +41,29 @@ def create_gateway_app(runtime: Runtime) -> web.Application:
         yield
         await forwarder.close()
 
+    deadline: list[asyncio.Task[None]] = []
+
+    async def end_streams_at_deadline(_: web.Application) -> None:
+        # on_shutdown runs when the listeners are closed and in-flight requests get
+        # shutdown_timeout to finish; streams (SSE) would never finish, so end them cleanly
+        # just before the deadline, when aiohttp would cancel them mid-event instead.
+        timeout = settings.gateway.shutdown_timeout
+        delay = max(0.0, timeout - min(0.5, timeout / 2))
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            forwarder.end_streams()
+
+        deadline.append(asyncio.create_task(later()))
+
+    async def cancel_deadline(_: web.Application) -> AsyncIterator[None]:
+        yield
+        for task in deadline:
+            task.cancel()
+
     app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(cancel_deadline)
+    app.on_shutdown.append(end_streams_at_deadline)
     app.router.add_route("*", "/{tail:.*}", plane.handle)
     return app
 
@@ -105,6 +127,6 @@ async def serve_until_signalled(
         try:
             await stop.wait()
         finally:
-            log.info("shutting down")
-            for runner in runners:
-                await runner.cleanup()
+            log.info("shutting down: draining for up to %ss", settings.gateway.shutdown_timeout)
+            await asyncio.gather(*(runner.cleanup() for runner in runners))
+    log.info("stopped")

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -72,8 +73,12 @@ class Authenticator:
         if entry is not None:
             secret = entry.match(fingerprint)
             if secret is not None and _within(secret.valid_until):
-                self._metrics.cache_hits += 1
-                return entry.principal
+                if self._cache.trusted:
+                    self._metrics.cache_hits += 1
+                    return entry.principal
+                revalidated = await self._revalidate(parsed, entry)
+                if revalidated is not None:
+                    return revalidated
         self._metrics.cache_misses += 1
         if self._cache.is_known_bad(fingerprint):
             self._metrics.auth_failures += 1
@@ -119,6 +124,27 @@ class Authenticator:
             return None
         entry = CachedKey(principal, hashes.current, (secret,))
         self._cache.put(parsed.key_id, entry, epoch=epoch)
+        return principal
+
+    async def _revalidate(self, parsed: keys.ParsedKey, entry: CachedKey) -> Principal | None:
+        """A hit while the cache is untrusted: re-read the record, skip argon2 if unchanged.
+
+        If the store cannot be reached either, nobody can change access through it, so the
+        cached principal stands (a partition of this process alone is the limit: README).
+        None means "verify from scratch" (the key was rotated).
+        """
+        self._metrics.cache_revalidations += 1
+        epoch = self._cache.epoch
+        try:
+            loaded = await self._store.load_principal(parsed.key_id)
+        except STORE_ERRORS:
+            self._metrics.store_errors += 1
+            return entry.principal
+        if loaded is None or loaded[1].current != entry.hash_generation:
+            self._cache.evict_key(parsed.key_id)
+            return None
+        principal = loaded[0]
+        self._cache.put(parsed.key_id, replace(entry, principal=principal), epoch=epoch)
         return principal
 
     async def _verify(

@@ -57,6 +57,9 @@ class KeyCache:
         # Bumped by every eviction: a lookup that started before an eviction must not store
         # what it read, since it may predate the change that caused the eviction.
         self.epoch = 0
+        # False while no invalidation listener is subscribed: hits are then re-checked
+        # against the store, since a change may have gone unheard.
+        self.trusted = False
 
     def __len__(self) -> int:
         return len(self._entries)

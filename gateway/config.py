@@ -63,6 +63,7 @@ class AdminSettings:
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
     url: Secret = Secret("")  # noqa: RUF009 - an immutable str
+    listen_url: Secret = Secret("")  # noqa: RUF009 - LISTEN connection; empty: same as url
     data_dir: str = ".keystile"
     pool_min_size: int = 1
     pool_max_size: int = 10
@@ -368,6 +369,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "shutdown_timeout"): _number(0),
     ("admin", "listen"): _address,
     ("database", "url"): _database_url,
+    ("database", "listen_url"): _database_url,
     ("database", "data_dir"): _string,
     ("database", "pool_min_size"): _integer(0),
     ("database", "pool_max_size"): _integer(1),

@@ -24,6 +24,10 @@ class Metrics:
     last_used_dropped: int = 0
     last_used_pending: int = 0
     cached_keys: int = 0
+    cache_revalidations: int = 0
+    invalidations: int = 0
+    listener_connects: int = 0
+    listener_up: int = 0
 
     def render(self) -> str:
         lines = [
@@ -55,5 +59,9 @@ _SCALARS = (
     ),
     ("last_used_pending", "gauge", "Last-used updates waiting to be written."),
     ("cached_keys", "gauge", "Verified keys held in the cache."),
+    ("cache_revalidations_total", "counter", "Cache hits re-checked because it was untrusted."),
+    ("invalidations_total", "counter", "Invalidation notices received."),
+    ("listener_connects_total", "counter", "Times the invalidation listener (re)subscribed."),
+    ("listener_up", "gauge", "1 while the invalidation listener is subscribed."),
 )
 _ATTR = {name: name.removesuffix("_total") for name, _, _ in _SCALARS}

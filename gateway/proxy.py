@@ -10,6 +10,7 @@ so a truncated body is never mistaken for a complete one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -45,6 +46,8 @@ class Forwarder:
         self._metrics = metrics
         self._trusted = settings.trusted_proxies
         self.session: aiohttp.ClientSession | None = None
+        self._streams: set[aiohttp.ClientResponse] = set()
+        self._ending = False
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -58,6 +61,12 @@ class Forwarder:
             skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client did
             cookie_jar=aiohttp.DummyCookieJar(),  # never mix one client's cookies into another's
         )
+
+    def end_streams(self) -> None:
+        """Shutdown deadline: end every response still streaming, cleanly for the client."""
+        self._ending = True
+        for upstream in list(self._streams):
+            upstream.close()
 
     async def close(self) -> None:
         if self.session is not None:
@@ -138,6 +147,7 @@ class Forwarder:
         )
         await response.prepare(request)
         idle = self._settings.stream_idle_timeout
+        self._streams.add(upstream)
         try:
             if idle > 0:
                 while chunk := await asyncio.wait_for(upstream.content.readany(), idle):
@@ -146,6 +156,9 @@ class Forwarder:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if self._ending:  # we closed it: a deliberate, clean end of the stream
+                await _end_quietly(response)
+                return response
             # Headers are out: the only honest signal left is cutting the connection.
             self._metrics.upstream_errors += 1
             log.warning("upstream stream broke: %s", type(exc).__name__)
@@ -153,6 +166,8 @@ class Forwarder:
             return response
         except ConnectionResetError:
             return response  # the client went away; leaving `async with` releases upstream
+        finally:
+            self._streams.discard(upstream)
         await response.write_eof()
         return response
 
@@ -177,6 +192,11 @@ class LimitedBody:
                 self.exceeded = True
                 raise BodyTooLarge
             yield chunk
+
+
+async def _end_quietly(response: web.StreamResponse) -> None:
+    with contextlib.suppress(ConnectionResetError, RuntimeError):
+        await response.write_eof()
 
 
 def _abort(request: web.Request) -> None:

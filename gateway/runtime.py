@@ -18,6 +18,7 @@ from gateway.auth import STORE_ERRORS, Authenticator
 from gateway.cache import KeyCache
 from gateway.config import Settings
 from gateway.db import connect_and_migrate
+from gateway.invalidation import InvalidationListener
 from gateway.keyring import Keyring
 from gateway.keys import KeyHasher
 from gateway.metrics import Metrics
@@ -35,16 +36,17 @@ class Runtime:
     authenticator: Authenticator
     usage: LastUsedRecorder
     metrics: Metrics
+    listener: InvalidationListener
 
     async def readiness(self) -> dict[str, bool]:
-        """Readiness facts for /readyz: can the key store answer right now?"""
+        """Readiness for /readyz: the store answers and the invalidation listener is up."""
         try:
             async with asyncio.timeout(1.0):
                 await self.pool.fetchval("SELECT 1")
             store_ok = True
         except STORE_ERRORS:
             store_ok = False
-        return {"store": store_ok}
+        return {"store": store_ok, "listener": self.listener.connected}
 
 
 def make_hasher(settings: Settings) -> KeyHasher:
@@ -82,6 +84,12 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         interval=settings.usage.flush_interval_seconds,
         max_pending=settings.usage.max_pending,
     )
+    listener = InvalidationListener(
+        str(settings.database.listen_url) or database_url,
+        cache,
+        metrics,
+        connect_timeout=settings.database.connect_timeout,
+    )
     runtime = Runtime(
         settings=settings,
         pool=pool,
@@ -91,11 +99,14 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         authenticator=authenticator,
         usage=usage,
         metrics=metrics,
+        listener=listener,
     )
+    await listener.start(wait=settings.database.connect_timeout)
     usage.start()
     try:
         yield runtime
     finally:
+        await listener.stop()
         await usage.stop()
         authenticator.close()
         await pool.close()

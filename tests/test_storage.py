@@ -3,73 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 
 from gateway.db import migrations
 from gateway.embedded_pg import EmbeddedPostgres
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_process(
-    database_url: str, tmp_path: Path, name: str
-) -> tuple[subprocess.Popen[bytes], int]:
-    gateway_port, admin_port = free_port(), free_port()
-    config = tmp_path / f"{name}.toml"
-    config.write_text(
-        f'[gateway]\nlisten = "127.0.0.1:{gateway_port}"\n'
-        f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
-    )
-    env = {**os.environ, "DATABASE_URL": database_url}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    return proc, gateway_port
-
-
-async def wait_ready(port: int, within: float = 30.0) -> dict[str, object]:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                    if resp.status == 200:
-                        body: dict[str, object] = await resp.json()
-                        return body
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            await asyncio.sleep(0.1)
+from tests.processes import ServeProcess
 
 
 async def test_two_processes_migrate_an_empty_database_at_once(
     empty_database_url: str, tmp_path: Path
 ) -> None:
-    procs = [serve_process(empty_database_url, tmp_path, f"p{i}") for i in range(2)]
+    procs = [ServeProcess(empty_database_url, tmp_path) for _ in range(2)]
     try:
-        for _, port in procs:
-            assert (await wait_ready(port))["store"] is True
+        for proc in procs:
+            assert (await proc.wait_ready())["store"] is True
+        for proc in procs:
+            proc.signal(signal.SIGTERM)
+        codes = [proc.wait() for proc in procs]
+        errors = [proc.stderr() for proc in procs]
     finally:
-        for proc, _ in procs:
-            proc.send_signal(signal.SIGTERM)
-        errors = [proc.communicate(timeout=30)[1].decode() for proc, _ in procs]
-        codes = [proc.returncode for proc, _ in procs]
+        for proc in procs:
+            proc.close()
     assert codes == [0, 0], errors
     assert all("Traceback" not in err for err in errors), errors
     conn = await asyncpg.connect(empty_database_url)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 
 from tests.support import FaultyProxy, Upstream, make_settings, start_keystile
@@ -43,3 +46,64 @@ async def test_cached_key_works_and_uncached_gets_503_while_store_is_down(
         await db_proxy.restore()
         status, _, _ = await ks.request("GET", "/api/me", uncached.key)
         assert status == 200
+
+
+async def test_last_used_survives_an_outage_and_is_written_after(
+    database_url: str, upstream: Upstream, db_proxy: FaultyProxy
+) -> None:
+    settings = make_settings(
+        upstream,
+        database={"connect_timeout": 1.0, "statement_timeout": 2.0},
+        usage={"flush_interval_seconds": 0.2},
+    )
+    async with start_keystile(settings, db_proxy.url_for(database_url)) as ks:
+        user = await ks.user(servers=["*"])
+        issued = await ks.key(user)
+        assert (await ks.request("GET", "/api/me", issued.key))[0] == 200
+        await wait_until(lambda: ks.runtime.usage.pending == 0)  # first use written
+        first = await last_used_at(database_url, issued.record.id)
+
+        await db_proxy.cut()
+        assert (await ks.request("GET", "/api/me", issued.key))[0] == 200  # cached: still works
+        metrics = ks.runtime.metrics
+        await wait_until(lambda: metrics.last_used_flush_failures >= 2)
+        assert ks.runtime.usage.pending == 1  # kept, not lost
+
+        await db_proxy.restore()
+        await wait_until(lambda: ks.runtime.usage.pending == 0)
+        assert await last_used_at(database_url, issued.record.id) > first
+        # Recovered without a restart: a key never seen before verifies again.
+        fresh = await ks.key(user, name="fresh")
+        assert (await ks.request("GET", "/api/me", fresh.key))[0] == 200
+
+
+async def test_last_used_buffer_drops_oldest_past_its_bound_and_counts(
+    database_url: str, upstream: Upstream
+) -> None:
+    settings = make_settings(upstream, usage={"flush_interval_seconds": 3600, "max_pending": 2})
+    async with start_keystile(settings, database_url) as ks:
+        user = await ks.user(servers=["*"])
+        issued = [await ks.key(user, name=f"k{i}") for i in range(3)]
+        for key in issued:
+            assert (await ks.request("GET", "/api/me", key.key))[0] == 200
+        assert ks.runtime.usage.pending == 2
+        assert ks.runtime.metrics.last_used_dropped == 1
+        async with ks.http.get(f"{ks.admin}/metrics") as resp:
+            assert "keystile_last_used_dropped_total 1" in await resp.text()
+    assert await last_used_at(database_url, issued[0].record.id) is None  # the dropped one
+    assert await last_used_at(database_url, issued[2].record.id) is not None
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+async def last_used_at(database_url: str, key_id: str) -> Any:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT last_used_at FROM api_keys WHERE id = $1", key_id)
+    finally:
+        await conn.close()

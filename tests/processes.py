@@ -1,0 +1,110 @@
+"""Real `keystile` processes for tests: start, wait for readiness, signal, collect output."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def keystile_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=False,
+    )
+
+
+class ServeProcess:
+    """`keystile serve` on free loopback ports with a generated config file."""
+
+    def __init__(
+        self,
+        database_url: str,
+        config_dir: Path,
+        *,
+        gateway_toml: str = "",
+        extra_toml: str = "",
+        workers: int = 1,
+    ) -> None:
+        self.gateway_port = free_port()
+        self.admin_port = free_port()
+        self.config = Path(tempfile.mkstemp(suffix=".toml", dir=config_dir)[1])
+        self.config.write_text(
+            f'[gateway]\nlisten = "127.0.0.1:{self.gateway_port}"\naccess_log = false\n'
+            + gateway_toml
+            + f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
+            + extra_toml
+        )
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.proc = subprocess.Popen(
+            command,
+            env={**os.environ, "DATABASE_URL": database_url},
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+        )
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.gateway_port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def wait_ready(self, within: float = 30.0) -> dict[str, object]:
+        deadline = time.monotonic() + within
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.proc.poll() is None, f"exited early: {self.stderr()}"
+                try:
+                    async with http.get(f"{self.gateway}/readyz") as resp:
+                        if resp.status == 200:
+                            body: dict[str, object] = await resp.json()
+                            return body
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, f"never ready: {self.stderr()}"
+                await asyncio.sleep(0.1)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def wait(self, within: float = 60.0) -> int:
+        return self.proc.wait(timeout=within)
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def close(self) -> None:
+        """Stop if still running (SIGKILL as a last resort) and release the log file."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()

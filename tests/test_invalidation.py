@@ -1,0 +1,138 @@
+"""Revocation everywhere at once, and a listener whose loss never lets a stale key through."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from gateway.config import Secret
+from tests.support import FaultyProxy, Keystile, Upstream, make_settings, start_keystile
+
+
+async def sql(database_url: str, statement: str, *args: object) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def revoke_elsewhere(database_url: str, key_id: str) -> None:
+    """What another instance's revocation looks like to this one: the row and a NOTIFY."""
+    await sql(
+        database_url,
+        "WITH r AS (UPDATE api_keys SET revoked_at = now() WHERE id = $1 RETURNING id) "
+        "SELECT pg_notify('keystile_invalidate', 'key:' || id) FROM r",
+        key_id,
+    )
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def cached_key(ks: Keystile, email: str = "member@example.com") -> tuple[str, str]:
+    user = await ks.user(email, servers=["*"])
+    issued = await ks.key(user)
+    assert (await ks.request("GET", "/api/me", issued.key))[0] == 200
+    assert ks.runtime.cache.get(issued.record.id) is not None
+    return issued.record.id, issued.key
+
+
+async def test_notify_from_another_instance_evicts_at_once(
+    keystile: Keystile, database_url: str
+) -> None:
+    key_id, key = await cached_key(keystile)
+    await revoke_elsewhere(database_url, key_id)
+
+    async def rejected() -> bool:
+        return (await keystile.request("GET", "/api/me", key))[0] == 401
+
+    await wait_for(rejected, within=1.0)
+    assert keystile.runtime.metrics.invalidations >= 1
+
+
+async def test_grant_change_elsewhere_evicts_the_users_keys(
+    keystile: Keystile, database_url: str
+) -> None:
+    user = await keystile.user(servers=["github", "gitlab"])
+    issued = await keystile.key(user)
+    assert (await keystile.request("GET", "/mcp-connect/gitlab/", issued.key))[0] == 200
+    await sql(
+        database_url,
+        "DELETE FROM server_grants WHERE user_id = $1 AND server = 'gitlab';"
+        " SELECT pg_notify('keystile_invalidate', 'user:' || $1)".replace("$1", f"'{user.id}'"),
+    )
+
+    async def forbidden() -> bool:
+        return (await keystile.request("GET", "/mcp-connect/gitlab/", issued.key))[0] == 403
+
+    await wait_for(forbidden, within=1.0)
+
+
+async def test_terminated_listener_reconnects_and_clears_the_cache(
+    keystile: Keystile, database_url: str
+) -> None:
+    key_id, key = await cached_key(keystile)
+    listener = keystile.runtime.listener
+    old_pid = listener.connection_pid
+    connects = keystile.runtime.metrics.listener_connects
+    await sql(database_url, "SELECT pg_terminate_backend($1)", old_pid)
+
+    async def resubscribed() -> bool:
+        return keystile.runtime.metrics.listener_connects > connects and listener.connected
+
+    await wait_for(resubscribed)
+    assert listener.connection_pid != old_pid
+    assert keystile.runtime.cache.get(key_id) is None  # cleared on resubscription
+    assert (await keystile.request("GET", "/api/me", key))[0] == 200
+
+
+@pytest.fixture
+async def listen_proxy(database_url: str) -> AsyncIterator[FaultyProxy]:
+    port = urlsplit(database_url).port
+    assert port is not None
+    proxy = FaultyProxy(port)
+    await proxy.start()
+    yield proxy
+    await proxy.cut()
+
+
+async def test_listener_gap_is_fail_safe_and_readyz_says_so(
+    database_url: str, upstream: Upstream, listen_proxy: FaultyProxy
+) -> None:
+    settings = make_settings(upstream, database={"connect_timeout": 1.0})
+    listen_url = Secret(listen_proxy.url_for(database_url))
+    settings = replace(settings, database=replace(settings.database, listen_url=listen_url))
+    async with start_keystile(settings, database_url) as ks:
+        key_id, key = await cached_key(ks)
+        _, survivor = await cached_key(ks, "survivor@example.com")
+        await listen_proxy.cut()
+
+        async def not_ready() -> bool:
+            status, _, body = await ks.request("GET", "/readyz")
+            return status == 503 and body["listener"] is False and body["store"] is True
+
+        await wait_for(not_ready)
+        # A change this process cannot hear about: it must still never serve the stale key.
+        await revoke_elsewhere(database_url, key_id)
+        assert (await ks.request("GET", "/api/me", key))[0] == 401
+        assert (await ks.request("GET", "/api/me", survivor))[0] == 200
+        assert ks.runtime.metrics.cache_revalidations >= 2
+
+        await listen_proxy.restore()
+
+        async def ready() -> bool:
+            return (await ks.request("GET", "/readyz"))[0] == 200
+
+        await wait_for(ready)
+        assert ks.runtime.cache.trusted
+        assert (await ks.request("GET", "/api/me", survivor))[0] == 200
