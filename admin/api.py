@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from admin import compat
+from admin import compat, validate
 from admin.http import RUNTIME, authenticate, error_middleware, invalid, json_response, read_json
 from admin.openapi import openapi_document
 from admin.service import KeyAdmin, UserAdmin
@@ -165,7 +165,9 @@ async def list_servers(request: web.Request) -> web.Response:
 async def list_audit(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     caller.require_admin()
-    limit = _int_query(request, "limit", default=100, maximum=500)
+    limit = _int_query(
+        request, "limit", default=validate.AUDIT_DEFAULT_LIMIT, maximum=validate.AUDIT_MAX_LIMIT
+    )
     before = _int_query(request, "before", default=None, maximum=2**62)
     events = await request.app[RUNTIME].store.audit_events(
         caller.workspace_id, before=before, limit=limit
@@ -180,7 +182,7 @@ def _int_query(request: web.Request, name: str, *, default: int | None, maximum:
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
         raise invalid(name, f"expected an integer between 1 and {maximum}")
     return int(raw)
 

@@ -58,7 +58,7 @@ async def auth_create(request: web.Request) -> web.Response:
         "permissions": data.get("permissions", _default_permissions(caller)),
     }
     if data.get("expiresIn") is not None:
-        seconds = validate.number(data, "expiresIn", minimum=1, maximum=10 * 365 * 86400)
+        seconds = validate.number(data, "expiresIn", minimum=1, maximum=validate.MAX_EXPIRES_IN)
         canonical["expires_at"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
     issued = await request.app[_KEYS].create(caller, canonical)
     body = _auth_key_json(issued.record, datetime.now(UTC))
@@ -124,9 +124,9 @@ def _cms_field_names() -> Iterator[None]:
         yield
     except ApiError as err:
         if err.field in _CANONICAL_TO_CMS:
-            cms = _CANONICAL_TO_CMS[err.field]
-            err.message = err.message.replace(err.field, cms, 1)
-            err.field = cms
+            err.field = _CANONICAL_TO_CMS[err.field]
+            for canonical, cms in _CANONICAL_TO_CMS.items():
+                err.message = err.message.replace(canonical, cms)
         raise
 
 

@@ -18,6 +18,7 @@ from admin.http import Caller, invalid, reject_unknown
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.keyring import IssuedKey, Keyring
 from gateway.models import ApiKey, User
+from gateway.store import LastAdminError
 
 KEY_CREATE_FIELDS = frozenset(
     {
@@ -46,6 +47,12 @@ def key_not_found() -> ApiError:
 
 def user_not_found() -> ApiError:
     return not_found("No such user.")
+
+
+def last_admin() -> ApiError:
+    return ApiError(
+        409, "last_admin", "The workspace would have no active admin left.", field="role"
+    )
 
 
 def name_taken(name: str) -> ApiError:
@@ -245,7 +252,9 @@ class UserAdmin:
             raise invalid("email", "is required")
         email = validate.email(data)
         display = (
-            validate.text(data, "display_name", max_length=200) if "display_name" in data else ""
+            validate.text(data, "display_name", max_length=validate.MAX_DISPLAY_NAME)
+            if "display_name" in data
+            else ""
         )
         role = validate.role(data) if "role" in data else "member"
         servers = validate.servers(data, "servers", self._servers) if "servers" in data else []
@@ -265,29 +274,30 @@ class UserAdmin:
         if "email" in data:
             changes["email"] = validate.email(data)
         if "display_name" in data:
-            changes["display_name"] = validate.text(data, "display_name", max_length=200)
+            changes["display_name"] = validate.text(
+                data, "display_name", max_length=validate.MAX_DISPLAY_NAME
+            )
         if "role" in data:
             changes["role"] = validate.role(data)
         if "is_active" in data:
             changes["is_active"] = validate.boolean(data, "is_active")
-        loses_admin = changes.get("role") == "member" or changes.get("is_active") is False
-        if user.role == "admin" and loses_admin:
-            await self._keep_an_admin(caller, user)
         if not changes:
             return user
         try:
             return await self._keyring.update_user(caller.actor, user_id, changes)
+        except LastAdminError:
+            raise last_admin() from None
         except UniqueViolationError:
             raise ApiError(409, "conflict", "Another user has that email.", field="email") from None
         except LookupError:
             raise user_not_found() from None
 
     async def delete(self, caller: Caller, user_id: str) -> None:
-        user = await self.get(caller, user_id)
-        if user.role == "admin":
-            await self._keep_an_admin(caller, user)
+        await self.get(caller, user_id)
         try:
             await self._keyring.delete_user(caller.actor, user_id)
+        except LastAdminError:
+            raise last_admin() from None
         except LookupError:
             raise user_not_found() from None
 
@@ -301,14 +311,3 @@ class UserAdmin:
             return await self._keyring.set_user_servers(caller.actor, user_id, servers)
         except LookupError:
             raise user_not_found() from None
-
-    async def _keep_an_admin(self, caller: Caller, leaving: User) -> None:
-        others = [
-            u
-            for u in await self._store.users(caller.workspace_id)
-            if u.role == "admin" and u.is_active and u.id != leaving.id
-        ]
-        if not others:
-            raise ApiError(
-                409, "last_admin", "The workspace would have no active admin left.", field="role"
-            )

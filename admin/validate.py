@@ -15,6 +15,12 @@ from gateway.models import ALL_SERVERS, PERMISSIONS
 MAX_NAME = 100
 MAX_DESCRIPTION = 1000
 MAX_GRACE_SECONDS = 30 * 24 * 3600
+MAX_EMAIL = 320
+MAX_DISPLAY_NAME = 200
+MAX_RATE_LIMIT = 10**9
+MAX_EXPIRES_IN = 10 * 365 * 86400  # seconds, for the better-auth style create route
+AUDIT_MAX_LIMIT = 500
+AUDIT_DEFAULT_LIMIT = 100
 _EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
 
 
@@ -92,7 +98,7 @@ def permissions(data: dict[str, Any], field: str = "permissions") -> list[str]:
 
 
 def email(data: dict[str, Any], field: str = "email") -> str:
-    value = text(data, field, max_length=320, required=True)
+    value = text(data, field, max_length=MAX_EMAIL, required=True)
     if not _EMAIL.fullmatch(value):
         raise invalid(field, "expected an email address")
     return value
@@ -114,7 +120,7 @@ def rate_limit(data: dict[str, Any], field: str = "rate_limit") -> dict[str, int
     out: dict[str, int] = {}
     for part in ("requests", "per_seconds"):
         item = value[part]
-        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= 10**9:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_RATE_LIMIT:
             raise invalid(f"{field}.{part}", "expected a positive integer")
         out[part] = item
     return out

@@ -34,8 +34,9 @@ def credential(headers: Mapping[str, str]) -> str | None:
     value = headers.get("Authorization")
     if value is not None:
         scheme, _, token = value.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
-    value = headers.get("X-API-Key")
+        if scheme.lower() == "bearer":
+            return token.strip()
+    value = headers.get("X-API-Key")  # e.g. beside Basic auth meant for something else
     return value.strip() if value is not None else None
 
 

@@ -227,9 +227,13 @@ class Store:
 
     async def update_user(self, actor: Actor, user_id: str, changes: Mapping[str, Any]) -> User:
         async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_admins(conn, actor.workspace_id)
             before = await _fetch_user(conn, user_id, actor.workspace_id, lock=True)
             if before is None or before.deleted_at is not None:
                 raise LookupError(user_id)
+            leaves = changes.get("role") == "member" or changes.get("is_active") is False
+            if leaves:
+                await _keep_an_admin(conn, before)
             sql, args = _update_sql("users", USER_UPDATABLE, changes, user_id, actor.workspace_id)
             await conn.execute(sql, *args)
             diff = _diff(before.to_json(), changes)
@@ -242,6 +246,10 @@ class Store:
     async def delete_user(self, actor: Actor, user_id: str) -> None:
         """Soft-delete: the row stays for the audit trail, every key of the user stops."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await _lock_admins(conn, actor.workspace_id)
+            before = await _fetch_user(conn, user_id, actor.workspace_id)
+            if before is not None and before.deleted_at is None:
+                await _keep_an_admin(conn, before)
             done = await conn.fetchval(
                 "UPDATE users SET deleted_at = now(), is_active = false, updated_at = now() "
                 "WHERE id = $1 AND workspace_id = $2 AND deleted_at IS NULL RETURNING id",
@@ -408,7 +416,34 @@ class Store:
         return value
 
 
+class LastAdminError(Exception):
+    """The change would leave the workspace without an active admin."""
+
+
 # --- helpers ---
+
+
+async def _lock_admins(conn: Connection, workspace_id: str) -> None:
+    # Serialises changes that can remove an admin: two concurrent demotions would otherwise
+    # each see the other admin and both commit, leaving none.
+    await conn.execute(
+        "SELECT 1 FROM users WHERE workspace_id = $1 AND role = 'admin' "
+        "AND deleted_at IS NULL FOR UPDATE",
+        workspace_id,
+    )
+
+
+async def _keep_an_admin(conn: Connection, leaving: User) -> None:
+    if leaving.role != "admin" or not leaving.is_active:
+        return
+    others = await conn.fetchval(
+        "SELECT count(*) FROM users WHERE workspace_id = $1 AND role = 'admin' "
+        "AND is_active AND deleted_at IS NULL AND id <> $2",
+        leaving.workspace_id,
+        leaving.id,
+    )
+    if not others:
+        raise LastAdminError(leaving.id)
 
 
 async def _fetch_user(
