@@ -32,7 +32,8 @@ def key_json(key: ApiKey, users: dict[str, User], now: datetime) -> dict[str, An
 
 
 async def _users_by_id(request: web.Request, workspace_id: str) -> dict[str, User]:
-    users = await request.app[RUNTIME].store.users(workspace_id)
+    # Deleted users too: their revoked keys stay listable for the audit trail.
+    users = await request.app[RUNTIME].store.users(workspace_id, include_deleted=True)
     return {u.id: u for u in users}
 
 

@@ -88,6 +88,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", "The request body is not valid UTF-8.") from None
     except ValueError as exc:
         raise ApiError(400, "invalid_json", f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
     return data

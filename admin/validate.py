@@ -35,11 +35,18 @@ def text(data: dict[str, Any], field: str, *, max_length: int, required: bool = 
         raise invalid(field, f"at most {max_length} characters")
     if any(ord(c) < 32 and c not in "\n\t" for c in value):
         raise invalid(field, "control characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. "\ud800" in the JSON
+        raise invalid(field, "not valid Unicode") from None
     return value
 
 
 def name(data: dict[str, Any], field: str = "name") -> str:
-    return text(data, field, max_length=MAX_NAME, required=True)
+    value = text(data, field, max_length=MAX_NAME, required=True)
+    if "\n" in value or "\t" in value:
+        raise invalid(field, "must be a single line")
+    return value
 
 
 def boolean(data: dict[str, Any], field: str) -> bool:
@@ -51,9 +58,11 @@ def boolean(data: dict[str, Any], field: str) -> bool:
 
 def number(data: dict[str, Any], field: str, *, minimum: float, maximum: float) -> float:
     value = data.get(field)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise invalid(field, "expected a number")
-    if not minimum <= value <= maximum:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid(field, "expected a finite number")
+    if not minimum <= value <= maximum:  # exact for ints of any size, no float overflow
         raise invalid(field, f"expected a number between {minimum:g} and {maximum:g}")
     return float(value)
 
@@ -67,9 +76,15 @@ def timestamp(data: dict[str, Any], field: str) -> datetime | None:
         raise invalid(field, "expected an ISO 8601 timestamp or null")
     try:
         parsed = datetime.fromisoformat(value)
+        parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        parsed = parsed.astimezone(UTC)  # overflows here, not in the driver, for year 1 / 9999
     except ValueError:
         raise invalid(field, "expected an ISO 8601 timestamp, e.g. 2030-01-31T12:00:00Z") from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        raise invalid(field, "timestamp out of range") from None
+    if not 1970 <= parsed.year <= 9998:
+        raise invalid(field, "timestamp out of range (years 1970-9998)")
+    return parsed
 
 
 def servers(data: dict[str, Any], field: str, configured: Collection[str]) -> list[str]:

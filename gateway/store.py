@@ -72,7 +72,7 @@ VALUES ($1, $2, $3, $4, $5, $6)
 USER_BY_ID = f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = $1 AND u.workspace_id = $2"
 USERS_IN_WORKSPACE = f"""
 SELECT {_USER_COLUMNS} FROM users u
-WHERE u.workspace_id = $1 AND u.deleted_at IS NULL ORDER BY u.created_at, u.id
+WHERE u.workspace_id = $1 AND (u.deleted_at IS NULL OR $2) ORDER BY u.created_at, u.id
 """
 BOOTSTRAP_ADMIN = """
 SELECT u.id FROM users u
@@ -203,8 +203,8 @@ class Store:
         async with self.pool.acquire() as conn:
             return await _fetch_user(conn, user_id, workspace_id)
 
-    async def users(self, workspace_id: str) -> list[User]:
-        rows = await self.pool.fetch(USERS_IN_WORKSPACE, workspace_id)
+    async def users(self, workspace_id: str, *, include_deleted: bool = False) -> list[User]:
+        rows = await self.pool.fetch(USERS_IN_WORKSPACE, workspace_id, include_deleted)
         return [_user(r) for r in rows]
 
     async def bootstrap_admin_id(self, workspace_id: str) -> str | None:
