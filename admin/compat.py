@@ -77,16 +77,15 @@ async def auth_delete(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
-def _default_permissions(caller: Caller) -> list[str]:
-    """Keys made through these routes serve the chat API and MCP, as far as the caller may."""
-    if caller.is_admin:
-        return ["mcp", "chat"]
-    return [p for p in ("mcp", "chat") if p in caller.principal.key.permissions] or ["mcp"]
+def _default_permissions(_caller: Caller) -> list[str]:
+    """Keys made through these routes serve the chat API and MCP (what those systems' keys do)."""
+    return ["mcp", "chat"]
 
 
 # --- /{workspace}/admin/api-keys (CMS style: token masked, isActive, validFrom/validTo) ---
 
 _CMS_FIELDS = frozenset({"name", "isActive", "validFrom", "validTo", "permissions"})
+_CMS_READ_ONLY = frozenset({"id", "token"})
 _CMS_TO_CANONICAL = {
     "name": "name",
     "isActive": "is_active",
@@ -131,6 +130,8 @@ def _cms_field_names() -> Iterator[None]:
 
 
 def _cms_to_canonical(data: dict[str, Any]) -> dict[str, Any]:
+    # A client may PUT back the object it GOT: its read-only fields are ignored.
+    data = {k: v for k, v in data.items() if k not in _CMS_READ_ONLY}
     reject_unknown(data, _CMS_FIELDS)
     return {_CMS_TO_CANONICAL[k]: v for k, v in data.items()}
 

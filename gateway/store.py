@@ -258,11 +258,13 @@ class Store:
             )
             if done is None:
                 raise LookupError(user_id)
-            await conn.execute(
+            revoked = await conn.fetch(
                 "UPDATE api_keys SET revoked_at = now(), is_active = false, updated_at = now() "
-                "WHERE user_id = $1 AND revoked_at IS NULL",
+                "WHERE user_id = $1 AND revoked_at IS NULL RETURNING id",
                 user_id,
             )
+            for row in revoked:
+                await _audit(conn, actor, "key.revoke", "key", row["id"], {"reason": "user.delete"})
             await _audit(conn, actor, "user.delete", "user", user_id, {})
             await _notify(conn, "user", user_id)
 

@@ -593,18 +593,28 @@ async def test_admin_grants_admin_only_to_admin_users(keystile: Keystile) -> Non
     assert theirs["user"]["id"] == member.id
 
 
-async def test_keys_only_key_cannot_grant_what_it_lacks(keystile: Keystile) -> None:
-    _, key = await member_actor(keystile, permissions=["keys", "mcp"])
+async def test_self_service_key_grants_anything_but_admin(keystile: Keystile) -> None:
+    # `keys` is self-service: a key that only manages keys can mint the user's working keys.
+    _, key = await member_actor(keystile, permissions=["keys"])
+    made = await create(keystile, key, name="k", permissions=["mcp", "chat"])
+    assert made["permissions"] == ["mcp", "chat"]
+    path = f"/api/keys/{made['id']}"
+    status, body = await call(keystile, "PATCH", path, key, {"permissions": ["mcp", "admin"]})
+    assert_invalid(status, body, "permissions")
+    assert (await call(keystile, "GET", path, key))[1]["permissions"] == ["mcp", "chat"]
+
+
+async def test_admin_users_keys_only_key_cannot_mint_admin_keys(keystile: Keystile) -> None:
+    admin = await keystile.user("boss@x", role="admin", servers=["*"])
+    keys_only = (await keystile.key(admin, name="self-service", permissions=["keys"])).key
     status, body = await call(
-        keystile, "POST", "/api/keys", key, {"name": "k", "servers": ["*"], "permissions": ["chat"]}
+        keystile,
+        "POST",
+        "/api/keys",
+        keys_only,
+        {"name": "k", "servers": ["*"], "permissions": ["admin"]},
     )
     assert_invalid(status, body, "permissions")
-    made = await create(keystile, key, name="k", permissions=["mcp", "keys"])
-    assert made["permissions"] == ["mcp", "keys"]
-    path = f"/api/keys/{made['id']}"
-    status, body = await call(keystile, "PATCH", path, key, {"permissions": ["mcp", "chat"]})
-    assert_invalid(status, body, "permissions")
-    assert (await call(keystile, "GET", path, key))[1]["permissions"] == ["mcp", "keys"]
 
 
 async def test_member_cannot_create_keys_for_others(keystile: Keystile) -> None:
