@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(demo)
     demo.set_defaults(func=cmd_demo)
 
+    migrate = commands.add_parser("migrate", help="apply database migrations and exit")
+    _config_option(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", help="the TOML file to check")
     check.set_defaults(func=cmd_check_config)
@@ -148,6 +152,28 @@ def _supervise(args: argparse.Namespace, url: str) -> int:
     signal.signal(signal.SIGINT, forward)
     codes = [worker.wait() for worker in workers]
     return max(codes, default=0)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply pending migrations under the advisory lock (every `serve` does too, at start)."""
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    _setup_logging(settings)
+    from gateway.db import connect_and_migrate
+
+    async def run(url: str) -> None:
+        pool = await connect_and_migrate(url, settings.database)
+        await pool.close()
+
+    try:
+        with database_url(settings) as url:
+            asyncio.run(run(url))
+    except (EmbeddedPostgresError, OSError) as exc:
+        log.error("migration failed: %s", exc)
+        return EXIT_FAILURE
+    log.info("database schema is up to date")
+    return 0
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

@@ -69,6 +69,7 @@ class DatabaseSettings:
     pool_max_size: int = 10
     connect_timeout: float = 5.0
     statement_timeout: float = 10.0
+    statement_cache_size: int = 100  # 0 behind PgBouncer in transaction mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +376,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("database", "pool_max_size"): _integer(1),
     ("database", "connect_timeout"): _number(0, exclusive=True),
     ("database", "statement_timeout"): _number(0),
+    ("database", "statement_cache_size"): _integer(0, 100_000),
     ("keys", "argon2_time_cost"): _integer(1, 10),
     ("keys", "argon2_memory_kib"): _integer(8, 1024 * 1024),
     ("keys", "argon2_parallelism"): _integer(1, 16),

@@ -70,10 +70,13 @@ class DataPlane:
         self._usage.record(principal.key.id)
         if route.kind == "me":
             return _json(_me(principal, self._server_names))
+        rewrite = None
         if route.kind == "mcp":
             policy.require_server(principal, route.server, self._server_names)
             upstream = self._servers[route.server]
             url = upstream.url + route.upstream_path
+            if request.method == "GET":  # a legacy SSE stream names its POST endpoint
+                rewrite = (upstream.url, f"/mcp-connect/{route.server}")
         else:
             policy.require_permission(principal, "chat")
             if self._chat is None:
@@ -83,7 +86,11 @@ class DataPlane:
         if route.query:
             url = f"{url}?{route.query}"
         return await self._forwarder.forward(
-            request, url, identity=_identity(principal), extra_headers=upstream.headers
+            request,
+            url,
+            identity=_identity(principal),
+            extra_headers=upstream.headers,
+            rewrite_endpoint=rewrite,
         )
 
     async def _ready(self) -> web.Response:

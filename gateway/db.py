@@ -84,6 +84,9 @@ async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
         max_size=settings.pool_max_size,
         timeout=settings.connect_timeout,
         command_timeout=settings.statement_timeout or None,
+        # Prepared statements live in a server session; a transaction-mode pooler hands each
+        # transaction a different one, so the cache must be off there (size 0).
+        statement_cache_size=settings.statement_cache_size,
         server_settings=server_settings,
     )
     assert pool is not None

@@ -23,6 +23,7 @@ from gateway.config import GatewaySettings
 from gateway.errors import ApiError
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.metrics import Metrics
+from gateway.sse import EndpointRewriter
 
 log = logging.getLogger("keystile.proxy")
 
@@ -89,7 +90,10 @@ class Forwarder:
         *,
         identity: Iterable[tuple[str, str]],
         extra_headers: Mapping[str, str],
+        rewrite_endpoint: tuple[str, str] | None = None,
     ) -> web.StreamResponse:
+        """Forward `request` to `url`. `rewrite_endpoint` = (upstream url, gateway prefix)
+        turns a legacy SSE `endpoint` event into a path through the gateway."""
         assert self.session is not None
         limit = self._settings.max_body_bytes
         length = request.content_length
@@ -126,7 +130,10 @@ class Forwarder:
             log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
         async with upstream:
-            return await self._stream_back(request, upstream)
+            rewriter = None
+            if rewrite_endpoint is not None and _is_event_stream(upstream):
+                rewriter = EndpointRewriter(*rewrite_endpoint)
+            return await self._stream_back(request, upstream, rewriter)
 
     async def _request_body(
         self, request: web.Request, length: int | None, limit: int
@@ -138,23 +145,29 @@ class Forwarder:
         return LimitedBody(request.content, limit)
 
     async def _stream_back(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        rewriter: EndpointRewriter | None,
     ) -> web.StreamResponse:
+        headers = downstream_response_headers(upstream.headers)
+        if rewriter is not None:
+            headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=downstream_response_headers(upstream.headers),
+            status=upstream.status, reason=upstream.reason, headers=headers
         )
         await response.prepare(request)
         idle = self._settings.stream_idle_timeout
+        chunks = upstream.content.iter_any() if idle <= 0 else _idle_limited(upstream, idle)
         self._streams.add(upstream)
         try:
-            if idle > 0:
-                while chunk := await asyncio.wait_for(upstream.content.readany(), idle):
+            async for chunk in chunks:
+                if rewriter is not None:
+                    chunk = rewriter.feed(chunk)
+                if chunk:
                     await response.write(chunk)
-            else:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
+            if rewriter is not None and (rest := rewriter.flush()):
+                await response.write(rest)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if self._ending:  # we closed it: a deliberate, clean end of the stream
                 await _end_quietly(response)
@@ -192,6 +205,16 @@ class LimitedBody:
                 self.exceeded = True
                 raise BodyTooLarge
             yield chunk
+
+
+async def _idle_limited(upstream: aiohttp.ClientResponse, idle: float) -> AsyncIterator[bytes]:
+    """The body's chunks, raising TimeoutError if the upstream stays silent for `idle` s."""
+    while chunk := await asyncio.wait_for(upstream.content.readany(), idle):
+        yield chunk
+
+
+def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
 
 
 async def _end_quietly(response: web.StreamResponse) -> None:

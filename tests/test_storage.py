@@ -83,3 +83,20 @@ async def _select_one(url: str) -> int:
         return int(await conn.fetchval("SELECT 1"))
     finally:
         await conn.close()
+
+
+async def test_migrate_command_applies_the_schema_and_exits(empty_database_url: str) -> None:
+    from tests.processes import keystile_cli
+
+    done = await asyncio.to_thread(keystile_cli, "migrate", database_url=empty_database_url)
+    assert done.returncode == 0, done.stderr
+    again = await asyncio.to_thread(keystile_cli, "migrate", database_url=empty_database_url)
+    assert again.returncode == 0, again.stderr
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        versions = [
+            r["version"] for r in await conn.fetch("SELECT version FROM keystile_migrations")
+        ]
+    finally:
+        await conn.close()
+    assert versions == [m.version for m in migrations()]
