@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -58,7 +59,9 @@ class Caller:
 async def authenticate(request: web.Request) -> Caller:
     """Verify the request's key as the data plane does, then require `keys` or `admin`."""
     runtime = request.app[RUNTIME]
-    principal = await runtime.authenticator.authenticate(credential(request.headers))
+    principal = await runtime.authenticator.authenticate(
+        credential(request.headers), request.remote or ""
+    )
     policy.check_usable(principal, datetime.now(UTC))
     runtime.usage.record(principal.key.id)
     caller = Caller(principal)
@@ -81,7 +84,11 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or 400 naming what is wrong with it."""
     if not request.body_exists:
         return {}
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(request.app[RUNTIME].settings.gateway.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", "The request body stalled.") from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

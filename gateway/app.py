@@ -86,6 +86,9 @@ async def start_site(
         app,
         access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
         shutdown_timeout=settings.gateway.shutdown_timeout,
+        # Also the deadline for a request head: aiohttp closes a connection whose head is
+        # still incomplete when it expires, which is what stops slowloris clients.
+        keepalive_timeout=settings.gateway.keepalive_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import NoReturn
 
 import asyncpg
 
@@ -22,6 +23,7 @@ from gateway.errors import invalid_key, store_unavailable
 from gateway.metrics import Metrics
 from gateway.models import KeyHashes, Principal
 from gateway.store import Store
+from gateway.throttle import FailureThrottle
 
 log = logging.getLogger("keystile.auth")
 
@@ -49,7 +51,9 @@ class Authenticator:
         hasher: keys.KeyHasher,
         metrics: Metrics,
         verify_concurrency: int,
+        throttle: FailureThrottle,
     ) -> None:
+        self._throttle = throttle
         self._store = store
         self._cache = cache
         self._hasher = hasher
@@ -60,15 +64,16 @@ class Authenticator:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """The verified principal, or ApiError 401 (bad key) / 503 (store down, not cached).
+    async def authenticate(self, token: str | None, client: str) -> Principal:
+        """The verified principal, or ApiError 401 (bad key), 429 (too many failures from
+        this client or for this key id) or 503 (store down and key not cached).
 
         Whether the key may be used *now* (status, expiry, user) is policy.check_usable's call.
         """
         parsed = keys.parse(token) if token else None
         if parsed is None:
-            self._metrics.auth_failures += 1
-            raise invalid_key()
+            self._throttle.check(client, None)
+            self._failed(client, None)
         fingerprint = keys.fingerprint(parsed.full)
         entry = self._cache.get(parsed.key_id)
         if entry is not None:
@@ -81,14 +86,18 @@ class Authenticator:
                 if revalidated is not None:
                     return revalidated
         self._metrics.cache_misses += 1
+        self._throttle.check(client, parsed.key_id)
         if self._cache.is_known_bad(fingerprint):
-            self._metrics.auth_failures += 1
-            raise invalid_key()
+            self._failed(client, parsed.key_id)
         principal = await self._single_flight(parsed, fingerprint)
         if principal is None:
-            self._metrics.auth_failures += 1
-            raise invalid_key()
+            self._failed(client, parsed.key_id)
         return principal
+
+    def _failed(self, client: str, key_id: str | None) -> NoReturn:
+        self._metrics.auth_failures += 1
+        self._throttle.failed(client, key_id)
+        raise invalid_key()
 
     async def _single_flight(self, parsed: keys.ParsedKey, fingerprint: bytes) -> Principal | None:
         # The lookup runs as its own task, so a caller that goes away (client disconnect)

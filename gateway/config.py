@@ -53,6 +53,8 @@ class GatewaySettings:
     stream_idle_timeout: float = 0.0
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    keepalive_timeout: float = 30.0  # idle connection, or one trickling a request head
+    body_timeout: float = 30.0  # longest silence while a request body is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,14 @@ class UsageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ThrottleSettings:
+    failures_per_client: int = 20
+    failures_per_key: int = 10
+    window_seconds: float = 60.0
+    max_tracked: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"
 
@@ -108,6 +118,7 @@ class Settings:
     database: DatabaseSettings = DatabaseSettings()
     keys: KeySettings = KeySettings()
     usage: UsageSettings = UsageSettings()
+    throttle: ThrottleSettings = ThrottleSettings()
     logging: LoggingSettings = LoggingSettings()
     mcp_servers: Mapping[str, UpstreamSettings] = field(default_factory=dict)
     chat: UpstreamSettings | None = None
@@ -119,6 +130,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "database": DatabaseSettings,
     "keys": KeySettings,
     "usage": UsageSettings,
+    "throttle": ThrottleSettings,
     "logging": LoggingSettings,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -368,6 +380,12 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "stream_idle_timeout"): _number(0),
     ("gateway", "access_log"): _boolean,
     ("gateway", "shutdown_timeout"): _number(0),
+    ("gateway", "keepalive_timeout"): _number(0, exclusive=True),
+    ("gateway", "body_timeout"): _number(0, exclusive=True),
+    ("throttle", "failures_per_client"): _integer(0),
+    ("throttle", "failures_per_key"): _integer(0),
+    ("throttle", "window_seconds"): _number(0, exclusive=True),
+    ("throttle", "max_tracked"): _integer(1),
     ("admin", "listen"): _address,
     ("database", "url"): _database_url,
     ("database", "listen_url"): _database_url,

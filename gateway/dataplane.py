@@ -12,9 +12,11 @@ from gateway import paths, policy
 from gateway.auth import Authenticator, credential
 from gateway.config import UpstreamSettings
 from gateway.errors import ApiError, not_found
+from gateway.headers import client_address
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
 from gateway.proxy import Forwarder
+from gateway.throttle import KeyRateLimiter, rate_limited
 from gateway.usage import LastUsedRecorder
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
@@ -43,6 +45,8 @@ class DataPlane:
         self._usage = usage
         self._metrics = metrics
         self._readiness = readiness
+        self._limiter = KeyRateLimiter()
+        self._trusted_proxies = forwarder.has_trusted_proxies
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = "invalid"
@@ -65,11 +69,24 @@ class DataPlane:
             return await self._ready()
         if route.kind == "unknown":
             raise not_found()
-        principal = await self._auth.authenticate(credential(request.headers))
+        client = self._client(request)
+        principal = await self._auth.authenticate(credential(request.headers), client)
         policy.check_usable(principal, datetime.now(UTC))
-        self._usage.record(principal.key.id)
+        key = principal.key
+        if key.allowed_cidrs is not None:
+            policy.require_address(principal, client)
+        limit_headers = None
+        if key.rate_limit is not None:
+            allowed, limit_headers = self._limiter.take(
+                key.id, key.rate_limit["requests"], key.rate_limit["per_seconds"]
+            )
+            if not allowed:
+                raise rate_limited(limit_headers)
+        self._usage.record(key.id)
         if route.kind == "me":
-            return _json(_me(principal, self._server_names))
+            response = _json(_me(principal, self._server_names))
+            response.headers.update(limit_headers or {})
+            return response
         rewrite = None
         if route.kind == "mcp":
             policy.require_server(principal, route.server, self._server_names)
@@ -91,7 +108,15 @@ class DataPlane:
             identity=_identity(principal),
             extra_headers=upstream.headers,
             rewrite_endpoint=rewrite,
+            response_headers=limit_headers,
         )
+
+    def _client(self, request: web.Request) -> str:
+        remote = request.remote or ""
+        if not self._trusted_proxies:
+            return remote
+        forwarded = request.headers.getall("X-Forwarded-For", ())
+        return client_address(remote, forwarded, self._forwarder.is_trusted)
 
     async def _ready(self) -> web.Response:
         checks = await self._readiness()

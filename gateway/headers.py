@@ -7,7 +7,7 @@ the client's credentials, and identity/forwarding headers a client could forge.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -43,6 +43,21 @@ def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def client_address(
+    remote: str, forwarded_for: Iterable[str], is_trusted: Callable[[str], bool]
+) -> str:
+    """Who is calling: the connection's address, unless that is a trusted proxy; then the
+    rightmost X-Forwarded-For hop that is not itself a trusted proxy (hops further left
+    were written by the client and prove nothing)."""
+    if not is_trusted(remote):
+        return remote
+    hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop):
+            return hop
+    return hops[0] if hops else remote
 
 
 def upstream_request_headers(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Collection
 from datetime import datetime
 
@@ -49,6 +51,26 @@ def check_usable(principal: Principal, now: datetime) -> None:
         raise invalid_key(_STATUS_MESSAGES[status])
     if not principal.user.usable:
         raise invalid_key("The API key's user is disabled.")
+
+
+def require_address(principal: Principal, client: str) -> None:
+    """A key with allowed_cidrs works only from those networks."""
+    cidrs = principal.key.allowed_cidrs
+    if cidrs is None:
+        return
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:10.1.2.3 is 10.1.2.3
+    if address is None or not any(address in net for net in _networks(cidrs)):
+        raise forbidden("The API key may not be used from this address.")
+
+
+@functools.lru_cache(maxsize=4096)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
 def require_permission(principal: Principal, permission: str) -> None:

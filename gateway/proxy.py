@@ -37,6 +37,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+def body_timeout() -> ApiError:
+    return ApiError(408, "request_timeout", "The request body stalled; the upload was dropped.")
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"The request body exceeds {limit} bytes.")
 
@@ -74,6 +78,10 @@ class Forwarder:
             await self.session.close()
             self.session = None
 
+    @property
+    def has_trusted_proxies(self) -> bool:
+        return bool(self._trusted)
+
     def is_trusted(self, address: str | None) -> bool:
         if not self._trusted or address is None:
             return False
@@ -91,6 +99,7 @@ class Forwarder:
         identity: Iterable[tuple[str, str]],
         extra_headers: Mapping[str, str],
         rewrite_endpoint: tuple[str, str] | None = None,
+        response_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         """Forward `request` to `url`. `rewrite_endpoint` = (upstream url, gateway prefix)
         turns a legacy SSE `endpoint` event into a path through the gateway."""
@@ -126,6 +135,8 @@ class Forwarder:
         except aiohttp.ClientError as exc:
             if isinstance(data, LimitedBody) and data.exceeded:
                 raise too_large(limit) from None
+            if isinstance(data, LimitedBody) and data.stalled:
+                raise body_timeout() from None
             self._metrics.upstream_errors += 1
             log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
@@ -133,7 +144,7 @@ class Forwarder:
             rewriter = None
             if rewrite_endpoint is not None and _is_event_stream(upstream):
                 rewriter = EndpointRewriter(*rewrite_endpoint)
-            return await self._stream_back(request, upstream, rewriter)
+            return await self._stream_back(request, upstream, rewriter, response_headers)
 
     async def _request_body(
         self, request: web.Request, length: int | None, limit: int
@@ -141,16 +152,23 @@ class Forwarder:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
         if length is not None and length <= _SMALL_BODY:
-            return await request.read()
-        return LimitedBody(request.content, limit)
+            try:
+                async with asyncio.timeout(self._settings.body_timeout):
+                    return await request.read()
+            except TimeoutError:
+                raise body_timeout() from None
+        return LimitedBody(request.content, limit, self._settings.body_timeout)
 
     async def _stream_back(
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         rewriter: EndpointRewriter | None,
+        extra: Mapping[str, str] | None,
     ) -> web.StreamResponse:
         headers = downstream_response_headers(upstream.headers)
+        if extra:
+            headers.update(extra)
         if rewriter is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
@@ -192,14 +210,23 @@ class LimitedBody:
     kept on the object for the caller to turn into 413.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, content: aiohttp.StreamReader, limit: int, stall: float) -> None:
         self._content = content
         self._limit = limit
+        self._stall = stall
         self.exceeded = False
+        self.stalled = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         total = 0
-        async for chunk in self._content.iter_any():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(self._content.readany(), self._stall)
+            except TimeoutError:
+                self.stalled = True
+                raise
+            if not chunk:
+                return
             total += len(chunk)
             if total > self._limit:
                 self.exceeded = True

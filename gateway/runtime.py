@@ -23,6 +23,7 @@ from gateway.keyring import Keyring
 from gateway.keys import KeyHasher
 from gateway.metrics import Metrics
 from gateway.store import Store
+from gateway.throttle import FailureThrottle
 from gateway.usage import LastUsedRecorder
 
 
@@ -77,6 +78,12 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         hasher=hasher,
         metrics=metrics,
         verify_concurrency=k.verify_concurrency,
+        throttle=FailureThrottle(
+            per_client=settings.throttle.failures_per_client,
+            per_key=settings.throttle.failures_per_key,
+            window_seconds=settings.throttle.window_seconds,
+            max_tracked=settings.throttle.max_tracked,
+        ),
     )
     usage = LastUsedRecorder(
         store,

@@ -32,7 +32,7 @@ async def revoke_elsewhere(database_url: str, key_id: str) -> None:
     )
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float = 15.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition never held"
