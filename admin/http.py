@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import policy
 from gateway.auth import credential
+from gateway.db import STORE_UNAVAILABLE
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.models import Principal
 from gateway.runtime import Runtime
@@ -115,6 +116,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as err:
         return err.response()
+    except STORE_UNAVAILABLE as exc:
+        # The store went away mid-change: the transaction rolled back, nothing was written.
+        log.warning("admin request failed, store unavailable: %s", type(exc).__name__)
+        return ApiError(
+            503,
+            "store_unavailable",
+            "The key store is unavailable; nothing was changed. Retry shortly.",
+            headers={"Retry-After": "5"},
+        ).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

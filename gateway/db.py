@@ -16,6 +16,16 @@ log = logging.getLogger("keystile.db")
 # A connection of our own or one borrowed from a pool: both run the same statements.
 Connection = asyncpg.Connection | PoolConnectionProxy
 
+# Errors that mean "the database could not be reached or went away", as opposed to an error
+# in what was asked of it: the change did not happen, and retrying later may succeed.
+STORE_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 # Any constant works; it only has to be the same for every Keystile process on a database.
 MIGRATION_LOCK_ID = 0x6B657973  # "keys"
 
