@@ -62,6 +62,7 @@ async def test_database_backend_killed_mid_change_leaves_nothing_half_written(
         response.release()
         assert response.status == 503 and body["error"] == "store_unavailable"
         after = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", target.record.id)
+        assert after is not None and before is not None
         assert dict(after) == dict(before)  # the UPDATE rolled back with the transaction
         assert await conn.fetchval("SELECT count(*) FROM audit_events") == audit_before
         await conn.execute("DROP TRIGGER hold ON audit_events")
