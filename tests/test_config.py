@@ -22,6 +22,7 @@ from gateway.config import (
     LoggingSettings,
     Secret,
     Settings,
+    ThrottleSettings,
     UsageSettings,
     load_settings,
 )
@@ -33,6 +34,7 @@ SECTIONS = {
     "database": DatabaseSettings,
     "keys": KeySettings,
     "usage": UsageSettings,
+    "throttle": ThrottleSettings,
     "logging": LoggingSettings,
 }
 GITHUB = '[mcp_servers.github]\nurl = "http://127.0.0.1:9001/mcp"\n'
