@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from admin import compat, validate
+from admin import compat, page, validate
 from admin.http import RUNTIME, authenticate, error_middleware, invalid, json_response, read_json
 from admin.openapi import openapi_document
 from admin.service import KeyAdmin, UserAdmin
@@ -234,4 +234,5 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     r.add_get("/api/servers", list_servers)
     r.add_get("/api/audit", list_audit)
     compat.add_routes(app, app[KEYS])
+    page.add_routes(app)
     return app

@@ -768,6 +768,43 @@ def _other_paths() -> dict[str, Schema]:
     }
 
 
+def _page_paths() -> dict[str, Schema]:
+    """The admin web page: static files, no key needed (the page signs in from the browser)."""
+    return {
+        "/admin/api-keys": {
+            "get": _operation(
+                "adminPage",
+                "The admin web page",
+                "page",
+                ok=200,
+                result={
+                    "description": "The page (HTML); it calls this API with a key pasted in.",
+                    "content": {"text/html": {"schema": STRING}},
+                },
+                public=True,
+                description="Served with Content-Security-Policy: default-src 'self'.",
+            ),
+        },
+        "/admin/static/{name}": {
+            "parameters": [_path_param("name", "A file of the page, e.g. app.js or app.css.")],
+            "get": _operation(
+                "adminPageFile",
+                "A file of the admin web page",
+                "page",
+                ok=200,
+                result={
+                    "description": "The file; names the page does not use answer 404.",
+                    "content": {
+                        media: {"schema": STRING}
+                        for media in ("text/css", "text/javascript", "image/svg+xml")
+                    },
+                },
+                public=True,
+            ),
+        },
+    }
+
+
 def _compat_paths() -> dict[str, Schema]:
     auth, cms = "compat-better-auth", "compat-cms"
     listed = "An admin's key lists every key of the workspace; others list their own."
@@ -861,6 +898,7 @@ TAGS: list[dict[str, str]] = [
     {"name": "servers", "description": "The configured MCP servers."},
     {"name": "audit", "description": "The audit trail (admin only)."},
     {"name": "plumbing", "description": "Health, metrics and this document; no key needed."},
+    {"name": "page", "description": "The admin web page and its files; no key needed."},
     {"name": "compat-better-auth", "description": "better-auth style key routes (camelCase)."},
     {
         "name": "compat-cms",
@@ -888,7 +926,13 @@ def _document() -> dict[str, Any]:
         },
         "tags": TAGS,
         "security": SECURITY,
-        "paths": {**_key_paths(), **_user_paths(), **_other_paths(), **_compat_paths()},
+        "paths": {
+            **_key_paths(),
+            **_user_paths(),
+            **_other_paths(),
+            **_page_paths(),
+            **_compat_paths(),
+        },
         "components": {
             "securitySchemes": SECURITY_SCHEMES,
             "schemas": {

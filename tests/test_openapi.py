@@ -80,7 +80,8 @@ def test_document_routes_match_the_admin_app() -> None:
     assert ("GET", "/api/audit") in router
     assert ("PUT", "/{workspace}/admin/api-keys/{id}") in router
     assert ("POST", "/api/auth/api-key/delete") in router
-    assert len(router) == 27
+    assert ("GET", "/admin/api-keys") in router
+    assert len(router) == 29
 
 
 def test_operation_ids_are_unique_and_statuses_have_schemas() -> None:
@@ -92,7 +93,13 @@ def test_operation_ids_are_unique_and_statuses_have_schemas() -> None:
         if method in HTTP_METHODS
     ]
     assert len(ids) == len(set(ids))
-    public = {("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/openapi.json")}
+    public = {
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/admin/api-keys"),
+        ("GET", "/admin/static/{name}"),
+    }
     for path, item in doc["paths"].items():
         for method, op in item.items():
             if method not in HTTP_METHODS:
@@ -233,6 +240,16 @@ async def test_every_operation_answers_as_documented(keystile: Keystile) -> None
         assert resp.content_type == "text/plain"
     c.called.add(("GET", "/metrics"))
     await c.call("GET", "/openapi.json", 200, None)
+    for path, template, media in [
+        ("/admin/api-keys", "/admin/api-keys", "text/html"),
+        ("/admin/static/app.js", "/admin/static/{name}", "text/javascript"),
+    ]:
+        async with ks.http.get(ks.admin + path) as resp:
+            assert resp.status == 200
+            assert resp.content_type == media
+        responses = doc["paths"][template]["get"]["responses"]
+        assert media in responses["200"]["content"]
+        c.called.add(("GET", template))
 
     # Keys.
     await c.call("GET", "/api/keys", 401, None)

@@ -1,0 +1,978 @@
+// Keystile admin page: sign in with an API key (kept in sessionStorage, for this tab only),
+// then manage keys and, for admins, users through the admin JSON API of this same origin.
+// Data reaches the page only through textContent, .value and DOM nodes: never parsed as HTML.
+"use strict";
+
+(() => {
+  const STORAGE_KEY = "keystile.apiKey";
+  const API_ROOT = new URL("../", document.baseURI); // the page is <root>/admin/api-keys
+  const DAY_MS = 86400000;
+  const MAX_GRACE_SECONDS = 30 * 86400;
+
+  const state = {
+    key: null, // the signed-in API key, mirrored in sessionStorage
+    admin: false,
+    userId: "", // the key's own user id and key id: public parts of the key
+    keyId: "",
+    email: "",
+    servers: [], // [{name, granted}] from GET /api/servers
+    users: [], // admins only
+    keys: [],
+  };
+  let editing = null; // the key the key dialog edits; null while creating
+  let rotating = null; // the key the rotate dialog rotates
+  let granting = null; // the user the grants dialog changes
+  let confirmed = null; // {run, then}: what the confirm dialog does once confirmed
+  const refocus = new Map(); // dialog -> where focus goes if its opener is gone once it closes
+
+  const $ = (id) => document.getElementById(id);
+
+  // --- talking to the API ---
+
+  class Problem extends Error {
+    constructor(message, status = 0, field = "") {
+      super(message);
+      this.status = status;
+      this.field = field;
+    }
+  }
+
+  async function request(key, method, path, body) {
+    const headers = { Accept: "application/json", Authorization: `Bearer ${key}` };
+    const init = { method, headers, cache: "no-store", credentials: "omit" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(new URL(path, API_ROOT), init);
+    } catch {
+      throw new Problem("Keystile's admin API could not be reached. Try again in a moment.");
+    }
+    const text = await response.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch {
+      data = null;
+    }
+    if (!response.ok) {
+      const message = data && typeof data.message === "string"
+        ? data.message
+        : `The admin API answered ${response.status}.`;
+      throw new Problem(message, response.status, (data && data.field) || "");
+    }
+    return data;
+  }
+
+  // An API call with the session's key; a 401 means the key stopped working: sign out.
+  async function api(method, path, body) {
+    try {
+      return await request(state.key, method, path, body);
+    } catch (err) {
+      if (err.status === 401) signOut(`You were signed out: ${err.message}`);
+      throw err;
+    }
+  }
+
+  const keyPath = (key, action = "") =>
+    `api/keys/${encodeURIComponent(key.id)}${action ? `/${action}` : ""}`;
+  const userPath = (user, tail = "") => `api/users/${encodeURIComponent(user.id)}${tail}`;
+
+  // --- small DOM and formatting helpers ---
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "class") node.className = value;
+      else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+
+  const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium" });
+  const dateTimeFormat = new Intl.DateTimeFormat(undefined, {
+    dateStyle: "medium",
+    timeStyle: "short",
+  });
+  const relativeFormat = new Intl.RelativeTimeFormat("en", { numeric: "auto" });
+  const UNITS = [
+    ["year", 365 * 86400],
+    ["month", 30 * 86400],
+    ["week", 7 * 86400],
+    ["day", 86400],
+    ["hour", 3600],
+    ["minute", 60],
+  ];
+
+  function relativeTime(iso) {
+    const seconds = (Date.parse(iso) - Date.now()) / 1000;
+    if (Math.abs(seconds) < 45) return "just now";
+    for (const [unit, size] of UNITS) {
+      if (Math.abs(seconds) >= size) return relativeFormat.format(Math.trunc(seconds / size), unit);
+    }
+    return relativeFormat.format(Math.round(seconds / 60), "minute");
+  }
+
+  function timeCell(iso, text) {
+    return el("time", { datetime: iso, title: dateTimeFormat.format(new Date(iso)) }, text);
+  }
+  const dateCell = (iso) => timeCell(iso, dateFormat.format(new Date(iso)));
+
+  function badge(text, kind = text) {
+    return el("span", { class: `badge badge-${kind}` }, text);
+  }
+
+  function serversText(servers) {
+    if (servers.length === 1 && servers[0] === "*") return "All servers";
+    if (servers.length === 0) return "None";
+    return servers.join(", ");
+  }
+
+  function serversCell(servers) {
+    if (servers.length === 1 && servers[0] === "*") return "All servers";
+    if (servers.length === 0) return el("span", { class: "muted" }, "None");
+    const count = `${servers.length} ${servers.length === 1 ? "server" : "servers"}`;
+    return el(
+      "span",
+      { title: servers.join(", ") },
+      count,
+      el("span", { class: "visually-hidden" }, `: ${servers.join(", ")}`),
+    );
+  }
+
+  function notify(text) {
+    $("page-error").textContent = "";
+    $("notice").textContent = text;
+  }
+
+  function showError(err) {
+    $("notice").textContent = "";
+    $("page-error").textContent = err.message;
+  }
+
+  function setOptions(select, options, value) {
+    select.replaceChildren(...options.map(([v, label]) => el("option", { value: v }, label)));
+    if (value !== undefined) select.value = value;
+  }
+
+  // An email that may break before its "@" rather than anywhere.
+  function emailText(email) {
+    const at = email.lastIndexOf("@");
+    if (at <= 0) return email;
+    return el("span", {}, email.slice(0, at), el("wbr"), email.slice(at));
+  }
+
+  function userLabel(user) {
+    return user.display_name ? `${user.display_name} <${user.email}>` : user.email;
+  }
+
+  // --- dialogs ---
+
+  function clearInvalid(dialog) {
+    for (const node of dialog.querySelectorAll("[aria-invalid]")) {
+      node.removeAttribute("aria-invalid");
+    }
+  }
+
+  function openDialog(dialog, focus) {
+    clearInvalid(dialog);
+    dialog.showModal();
+    (focus || dialog.querySelector("input, select, textarea, button")).focus();
+  }
+
+  // Runs a dialog's work: buttons disabled meanwhile; a failure stays in the dialog, with the
+  // field the API named marked invalid and focused.
+  async function runDialog(dialog, errorId, fields, work) {
+    const buttons = dialog.querySelectorAll("button");
+    for (const b of buttons) b.disabled = true;
+    dialog.setAttribute("aria-busy", "true");
+    $(errorId).textContent = "";
+    clearInvalid(dialog);
+    try {
+      await work();
+    } catch (err) {
+      if (!state.key) return; // signed out meanwhile
+      $(errorId).textContent = err.message;
+      const input = fields[err.field] && $(fields[err.field]);
+      if (input) {
+        input.setAttribute("aria-invalid", "true");
+        input.focus();
+      }
+    } finally {
+      for (const b of buttons) b.disabled = false;
+      dialog.removeAttribute("aria-busy");
+    }
+  }
+
+  function closeAllDialogs() {
+    for (const dialog of document.querySelectorAll("dialog[open]")) dialog.close();
+  }
+
+  // Asks first (focus starts on Cancel); `run` makes the change (a failure stays in the
+  // dialog), and `then` refreshes the page once the dialog has closed.
+  function confirmAction(title, text, action, run, then) {
+    $("confirm-title").textContent = title;
+    $("confirm-text").textContent = text;
+    $("confirm-ok").textContent = action;
+    $("confirm-error").textContent = "";
+    confirmed = { run, then };
+    openDialog($("confirm-dialog"), $("confirm-cancel"));
+  }
+
+  async function submitConfirm(event) {
+    event.preventDefault();
+    const dialog = $("confirm-dialog");
+    const { run, then } = confirmed;
+    await runDialog(dialog, "confirm-error", {}, async () => {
+      await run();
+      dialog.close();
+      await then();
+    });
+  }
+
+  // A dialog closed and the element that opened it was re-rendered away: focus a sensible spot.
+  function onDialogClosed(event) {
+    // Lost: on the body, or still on a button of the dialog that just closed.
+    const active = document.activeElement;
+    const lost = !active || active === document.body || event.target.contains(active);
+    const target = refocus.get(event.target);
+    refocus.delete(event.target);
+    if (!lost || !state.key) return;
+    if (target) target();
+    else ($("users-panel").hidden ? $("keys-title") : $("users-title")).focus();
+  }
+
+  // --- server pickers: "All servers" or a list of names (keys and user grants share it) ---
+
+  function fillServerPicker(fieldset, selected, { noteUngranted }) {
+    const all = selected.length === 1 && selected[0] === "*";
+    const mode = fieldset.querySelector(`input[type="radio"][value="${all ? "all" : "some"}"]`);
+    mode.checked = true;
+    const list = fieldset.querySelector(".server-list");
+    list.replaceChildren(
+      ...state.servers.map((server) => {
+        const box = el("input", { type: "checkbox", value: server.name });
+        box.checked = !all && selected.includes(server.name);
+        const note = noteUngranted && !server.granted
+          ? el("span", { class: "hint" }, "(not granted to you)")
+          : null;
+        const text = el("span", {}, server.name, note ? " " : "", note);
+        return el("label", { class: "check" }, box, text);
+      }),
+    );
+    syncServerPicker(fieldset);
+  }
+
+  function syncServerPicker(fieldset) {
+    const all = fieldset.querySelector('input[type="radio"][value="all"]').checked;
+    for (const box of fieldset.querySelectorAll(".server-list input")) box.disabled = all;
+  }
+
+  function readServerPicker(fieldset) {
+    if (fieldset.querySelector('input[type="radio"][value="all"]').checked) return ["*"];
+    return [...fieldset.querySelectorAll(".server-list input:checked")].map((b) => b.value);
+  }
+
+  // --- signing in and out ---
+
+  function parseKeyIds(key) {
+    const parts = key.split("-");
+    return parts.length === 4 ? { userId: parts[1], keyId: parts[2] } : { userId: "", keyId: "" };
+  }
+
+  async function signIn(key) {
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      throw new Problem("An API key is one line of plain characters, like ks1-….");
+    }
+    // Admin-ness: listing every key answers 200 to an admin key and 403 to any other.
+    let admin = true;
+    let keys;
+    try {
+      keys = await request(key, "GET", "api/keys?all=true");
+    } catch (err) {
+      if (err.status !== 403) throw err;
+      admin = false;
+      keys = await request(key, "GET", "api/keys");
+    }
+    const servers = await request(key, "GET", "api/servers");
+    const users = admin ? await request(key, "GET", "api/users") : [];
+    sessionStorage.setItem(STORAGE_KEY, key);
+    Object.assign(state, { key, admin, servers, users, keys }, parseKeyIds(key));
+    const me = admin
+      ? users.find((u) => u.id === state.userId)
+      : (keys.find((k) => k.user_id === state.userId) || {}).user;
+    state.email = (me && me.email) || "";
+    showApp();
+  }
+
+  async function submitSignIn(event) {
+    event.preventDefault();
+    const input = $("sign-in-key");
+    const button = $("sign-in-submit");
+    $("sign-in-error").textContent = "";
+    const key = input.value.trim();
+    if (!key) {
+      $("sign-in-error").textContent = "Paste an API key first.";
+      input.focus();
+      return;
+    }
+    button.disabled = true;
+    try {
+      await signIn(key);
+      input.value = "";
+    } catch (err) {
+      $("sign-in-error").textContent = err.message;
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function signOut(message = "") {
+    sessionStorage.removeItem(STORAGE_KEY);
+    closeAllDialogs();
+    Object.assign(state, {
+      key: null, admin: false, userId: "", keyId: "", email: "", servers: [], users: [], keys: [],
+    });
+    // Nothing of the session stays in the page: tables, filters and dialog forms are cleared.
+    for (const body of document.querySelectorAll("tbody")) body.replaceChildren();
+    for (const form of document.querySelectorAll("dialog form")) form.reset();
+    setOptions($("filter-user"), [["", "All users"]], "");
+    $("app-view").hidden = true;
+    $("session").hidden = true;
+    $("sign-in-view").hidden = false;
+    $("sign-in-error").textContent = message;
+    $("notice").textContent = "";
+    $("page-error").textContent = "";
+    $("sign-in-key").removeAttribute("aria-invalid");
+    $("sign-in-key").focus();
+  }
+
+  function showApp() {
+    $("sign-in-view").hidden = true;
+    $("app-view").hidden = false;
+    $("session").hidden = false;
+    const who = state.email || "your key";
+    $("whoami").textContent = `Signed in as ${who}${state.admin ? " (admin)" : ""}`;
+    $("tabs").hidden = !state.admin;
+    $("filter-user-field").hidden = !state.admin;
+    $("keys-title").textContent = state.admin ? "API keys" : "Your API keys";
+    $("keys-lead").textContent = state.admin
+      ? "Every key of the workspace. Keys are shown in full only once, when created or rotated."
+      : "Keys for your scripts and MCP clients. A key is shown in full only once, when " +
+        "created or rotated.";
+    $("filter-status").value = "";
+    fillUserFilter();
+    selectTab("keys");
+    renderKeys();
+    $("keys-title").focus();
+  }
+
+  // --- keys ---
+
+  function fillUserFilter() {
+    const select = $("filter-user");
+    const current = select.value;
+    const options = [["", "All users"], ...state.users.map((u) => [u.id, u.email])];
+    setOptions(select, options, options.some(([v]) => v === current) ? current : "");
+  }
+
+  async function loadKeys() {
+    const query = new URLSearchParams();
+    const user = $("filter-user").value;
+    const status = $("filter-status").value;
+    if (state.admin) query.set(user ? "user_id" : "all", user || "true");
+    if (status) query.set("status", status);
+    const text = query.toString();
+    state.keys = await api("GET", `api/keys${text ? `?${text}` : ""}`);
+    renderKeys();
+  }
+
+  async function reloadKeys() {
+    try {
+      await loadKeys();
+    } catch (err) {
+      if (state.key) showError(err);
+    }
+  }
+
+  // One row; each cell carries its column's label for the stacked (narrow) layout.
+  function tableRow(attrs, cells) {
+    const td = ([label, content]) => {
+      const column = `col-${label.toLowerCase().replace(" ", "-")}`;
+      return el("td", { "data-label": label, class: column }, content);
+    };
+    return el("tr", attrs, ...cells.map(td));
+  }
+
+  function keyColumns() {
+    const columns = [
+      ["Name", nameCell],
+      ["Description", (k) => el("div", { class: "description" }, k.description || "—")],
+      ["User", (k) => emailText((k.user && k.user.email) || k.user_id)],
+      ["Key", (k) => el("code", { class: "prefix" }, k.prefix)],
+      ["Servers", (k) => serversCell(k.servers)],
+      ["Permissions", (k) => k.permissions.join(", ") || "—"],
+      ["Created", (k) => dateCell(k.created_at)],
+      ["Last used", (k) => (k.last_used_at ? lastUsedCell(k.last_used_at) : "Never")],
+      ["Expires", (k) => (k.expires_at ? dateCell(k.expires_at) : "Never")],
+      ["Status", (k) => badge(k.status)],
+      ["Actions", keyActions],
+    ];
+    return state.admin ? columns : columns.filter(([label]) => label !== "User");
+  }
+
+  const lastUsedCell = (iso) => timeCell(iso, relativeTime(iso));
+
+  function nameCell(key) {
+    const mine = key.id === state.keyId
+      ? el("span", { class: "session-key" }, "this session's key")
+      : null;
+    return el("div", { class: "key-name" }, key.name, mine);
+  }
+
+  function renderKeys() {
+    const columns = keyColumns();
+    const table = $("keys-table");
+    table.tHead.replaceChildren(
+      el("tr", {}, ...columns.map(([label]) => el("th", { scope: "col" }, label))),
+    );
+    const newest = (a, b) => Date.parse(b.created_at) - Date.parse(a.created_at);
+    const keys = [...state.keys].sort(newest);
+    table.tBodies[0].replaceChildren(
+      ...keys.map((key) =>
+        tableRow(
+          { "data-key-id": key.id },
+          columns.map(([label, cell]) => [label, cell(key)]),
+        ),
+      ),
+    );
+    const empty = keys.length === 0;
+    table.parentElement.hidden = empty;
+    $("keys-empty").hidden = !empty;
+    if (!empty) return;
+    const status = $("filter-status").value;
+    const user = state.users.find((u) => u.id === $("filter-user").value);
+    let title = "No API keys yet.";
+    if (status) title = `No ${status} keys${user ? ` of ${user.email}` : ""}.`;
+    else if (user) title = `${user.email} has no API keys yet.`;
+    $("keys-empty-title").textContent = title;
+    $("keys-empty-text").textContent = status
+      ? "Pick another status above to see other keys."
+      : "Create one with “Create API key”, then copy it from the dialog: it is shown only " +
+        "once. Clients send it as “Authorization: Bearer <key>”." +
+        (user ? " As an admin, pick this user as the owner." : "");
+  }
+
+  function keyActions(key) {
+    if (key.status === "revoked") {
+      const when = key.revoked_at ? ` ${relativeTime(key.revoked_at)}` : "";
+      return el("span", { class: "muted" }, `Revoked${when}`);
+    }
+    const button = (label, action, onclick, kind = "") =>
+      el("button", {
+        type: "button",
+        class: `small ${kind}`,
+        "data-action": action,
+        "aria-label": `${label} ${key.name}`,
+        onclick,
+      }, label);
+    return el(
+      "div",
+      { class: "row-actions key-actions" },
+      button("Edit", "edit", () => openKeyDialog(key)),
+      button(key.is_active ? "Disable" : "Enable", "toggle", () => toggleKey(key)),
+      button("Rotate", "rotate", () => openRotate(key)),
+      button("Revoke", "revoke", () => confirmRevoke(key), "danger"),
+    );
+  }
+
+  // After a re-render the clicked button is a new node: put focus back on its successor.
+  function focusKeyAction(keyId, action) {
+    const row = [...$("keys-table").tBodies[0].rows].find((r) => r.dataset.keyId === keyId);
+    const target = row && row.querySelector(`[data-action="${action}"]`);
+    (target || $("keys-title")).focus();
+  }
+
+  async function toggleKey(key) {
+    const run = async () => {
+      const updated = await api("POST", keyPath(key, key.is_active ? "disable" : "enable"));
+      notify(`${updated.is_active ? "Enabled" : "Disabled"} “${updated.name}”.`);
+    };
+    const then = async () => {
+      await reloadKeys();
+      focusKeyAction(key.id, "toggle");
+    };
+    if (key.is_active && key.id === state.keyId) {
+      confirmAction(
+        `Disable “${key.name}”?`,
+        "This is the key you are signed in with: disabling it signs you out of this page.",
+        "Disable key",
+        run,
+        then,
+      );
+      return;
+    }
+    try {
+      await run();
+    } catch (err) {
+      if (state.key) showError(err);
+    }
+    await then();
+  }
+
+  function confirmRevoke(key) {
+    const own = key.id === state.keyId
+      ? " This is the key you are signed in with: you will be signed out."
+      : "";
+    confirmAction(
+      `Revoke “${key.name}”?`,
+      "Every client using this key gets 401 at once. Revoking is permanent: the key cannot be " +
+        `enabled again, only replaced by a new one.${own}`,
+      "Revoke key",
+      async () => {
+        await api("DELETE", keyPath(key));
+        notify(`Revoked “${key.name}”.`);
+      },
+      async () => {
+        await reloadKeys();
+        $("keys-title").focus();
+      },
+    );
+  }
+
+  function expiryOptions(key) {
+    const options = [
+      ["never", "Never"],
+      ["30", "In 30 days"],
+      ["90", "In 90 days"],
+      ["custom", "On a date…"],
+    ];
+    if (!key) return options;
+    const current = key.expires_at ? dateTimeFormat.format(new Date(key.expires_at)) : "never";
+    return [["keep", `Keep as is (${current})`], ...options];
+  }
+
+  function readExpiry() {
+    const choice = $("key-expiry").value;
+    if (choice === "keep") return undefined;
+    if (choice === "never") return null;
+    if (choice === "custom") {
+      const value = $("key-expiry-date").value; // yyyy-mm-dd
+      if (!value) throw new Problem("Pick the expiry date.", 0, "expires_at_date");
+      const [year, month, day] = value.split("-").map(Number);
+      return new Date(year, month - 1, day, 23, 59, 59).toISOString();
+    }
+    return new Date(Date.now() + Number(choice) * DAY_MS).toISOString();
+  }
+
+  function syncKeyDialog() {
+    $("key-expiry-date-field").hidden = $("key-expiry").value !== "custom";
+    syncServerPicker($("key-servers"));
+    // 'admin' only for keys of admin users, and only an admin can grant it.
+    const ownerId = editing ? editing.user_id : $("key-owner").value || state.userId;
+    const owner = state.users.find((u) => u.id === ownerId);
+    const allowed = state.admin && owner !== undefined && owner.role === "admin";
+    const box = $("key-permissions").querySelector('input[value="admin"]');
+    if (!allowed && !editing) box.checked = false; // an edit keeps what the key has
+    box.disabled = !allowed;
+    $("permission-admin-row").hidden = !state.admin && !box.checked;
+    const locked = state.admin ? "only for keys of admin users" : "only an admin key changes it";
+    $("permission-admin-hint").textContent = allowed ? "manage the workspace" : locked;
+  }
+
+  function openKeyDialog(key = null) {
+    editing = key;
+    const form = $("key-form");
+    form.reset();
+    $("key-error").textContent = "";
+    $("key-dialog-title").textContent = key ? `Edit “${key.name}”` : "Create API key";
+    $("key-submit").textContent = key ? "Save changes" : "Create API key";
+    $("key-name").value = key ? key.name : "";
+    $("key-description").value = key ? key.description : "";
+    setOptions($("key-expiry"), expiryOptions(key), key ? "keep" : "never");
+    $("key-expiry-date").min = new Date(Date.now() - new Date().getTimezoneOffset() * 60000)
+      .toISOString()
+      .slice(0, 10);
+    $("key-owner-field").hidden = !state.admin || key !== null;
+    if (state.admin && !key) {
+      const others = state.users.filter((u) => u.id !== state.userId && u.is_active);
+      const me = ["", `Me (${state.email || "this key's user"})`];
+      setOptions($("key-owner"), [me, ...others.map((u) => [u.id, userLabel(u)])], "");
+    }
+    fillServerPicker($("key-servers"), key ? key.servers : ["*"], { noteUngranted: !state.admin });
+    const permissions = key ? key.permissions : ["mcp"];
+    for (const box of form.querySelectorAll('input[name="permission"]')) {
+      box.checked = permissions.includes(box.value);
+    }
+    syncKeyDialog();
+    openDialog($("key-dialog"), $("key-name"));
+  }
+
+  function keyFormValues() {
+    const values = {
+      name: $("key-name").value.trim(),
+      description: $("key-description").value.trim(),
+      servers: readServerPicker($("key-servers")),
+      permissions: [...$("key-permissions").querySelectorAll("input:checked")].map((b) => b.value),
+    };
+    if (!values.name) throw new Problem("Give the key a name.", 0, "name");
+    const expiry = readExpiry();
+    if (expiry !== undefined) values.expires_at = expiry;
+    return values;
+  }
+
+  function changedFields(key, values) {
+    const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+    const changes = {};
+    for (const [field, value] of Object.entries(values)) {
+      const before = Array.isArray(key[field]) ? [...key[field]].sort() : key[field];
+      const after = Array.isArray(value) ? [...value].sort() : value;
+      if (!same(before, after)) changes[field] = value;
+    }
+    return changes;
+  }
+
+  const KEY_FIELDS = {
+    name: "key-name",
+    description: "key-description",
+    user_id: "key-owner",
+    expires_at: "key-expiry",
+    expires_at_date: "key-expiry-date",
+  };
+
+  async function submitKey(event) {
+    event.preventDefault();
+    const dialog = $("key-dialog");
+    await runDialog(dialog, "key-error", KEY_FIELDS, async () => {
+      const values = keyFormValues();
+      if (editing) {
+        const changes = changedFields(editing, values);
+        if (Object.keys(changes).length === 0) {
+          dialog.close();
+          notify("Nothing changed.");
+          return;
+        }
+        const updated = await api("PATCH", keyPath(editing), changes);
+        dialog.close();
+        notify(`Saved “${updated.name}”.`);
+        await reloadKeys();
+        focusKeyAction(updated.id, "edit");
+        return;
+      }
+      const owner = $("key-owner").value;
+      const created = await api("POST", "api/keys", owner ? { ...values, user_id: owner } : values);
+      dialog.close();
+      notify(`Created “${created.name}”.`);
+      showNewKey(created, `API key “${created.name}” created`);
+      await reloadKeys();
+    });
+  }
+
+  function openRotate(key) {
+    rotating = key;
+    $("rotate-title").textContent = `Rotate “${key.name}”`;
+    $("rotate-grace").value = "0";
+    $("rotate-error").textContent = "";
+    openDialog($("rotate-dialog"), $("rotate-grace"));
+  }
+
+  async function submitRotate(event) {
+    event.preventDefault();
+    const dialog = $("rotate-dialog");
+    await runDialog(dialog, "rotate-error", { grace_seconds: "rotate-grace" }, async () => {
+      const raw = $("rotate-grace").value.trim();
+      const grace = raw === "" ? 0 : Number(raw);
+      if (!Number.isFinite(grace) || grace < 0 || grace > MAX_GRACE_SECONDS) {
+        const message = "The grace period is a number of seconds from 0 to 2592000 (30 days).";
+        throw new Problem(message, 0, "grace_seconds");
+      }
+      const rotated = await api("POST", keyPath(rotating, "rotate"), { grace_seconds: grace });
+      if (rotated.id === state.keyId) {
+        // The session's own key: carry on with its new secret.
+        state.key = rotated.key;
+        sessionStorage.setItem(STORAGE_KEY, rotated.key);
+      }
+      refocus.set($("reveal-dialog"), () => focusKeyAction(rotated.id, "rotate"));
+      dialog.close();
+      notify(`Rotated “${rotated.name}”.`);
+      showNewKey(rotated, `New key for “${rotated.name}”`);
+      await reloadKeys();
+    });
+  }
+
+  // The full key, shown once: it lives only in this dialog and is removed when it closes.
+  function showNewKey(record, title) {
+    $("reveal-title").textContent = title;
+    const input = el("textarea", {
+      id: "reveal-key",
+      rows: 2,
+      readonly: true,
+      spellcheck: "false",
+      autocomplete: "off",
+      "aria-describedby": "reveal-warning",
+    });
+    input.value = record.key;
+    $("reveal-slot").replaceChildren(el("label", { for: "reveal-key" }, "Your new API key"), input);
+    $("copy-status").textContent = "";
+    openDialog($("reveal-dialog"), $("copy-key"));
+  }
+
+  async function copyKey() {
+    const input = $("reveal-key");
+    if (!input) return;
+    const status = $("copy-status");
+    try {
+      await navigator.clipboard.writeText(input.value);
+      status.textContent = "Copied to the clipboard.";
+    } catch {
+      // No async clipboard (plain http off loopback, or permission refused): select and copy.
+      input.focus();
+      input.select();
+      let copied = false;
+      try {
+        copied = document.execCommand("copy");
+      } catch {
+        copied = false;
+      }
+      status.textContent = copied
+        ? "Copied to the clipboard."
+        : "The key is selected: press Ctrl+C (⌘C on a Mac) to copy it.";
+    }
+  }
+
+  // --- users (admins) ---
+
+  async function loadUsers() {
+    state.users = await api("GET", "api/users");
+    renderUsers();
+    fillUserFilter();
+  }
+
+  async function reloadUsers() {
+    try {
+      await loadUsers();
+    } catch (err) {
+      if (state.key) showError(err);
+    }
+  }
+
+  function renderUsers() {
+    const rows = state.users.map((user) => {
+      const you = user.id === state.userId ? el("span", { class: "session-key" }, "you") : null;
+      const cells = [
+        ["Email", el("div", { class: "key-name" }, emailText(user.email), you)],
+        ["Display name", user.display_name || el("span", { class: "muted" }, "—")],
+        ["Role", roleSelect(user)],
+        ["Server access", serversText(user.servers)],
+        ["Status", user.is_active ? badge("active") : badge("disabled")],
+        ["Created", dateCell(user.created_at)],
+        ["Actions", userActions(user)],
+      ];
+      return tableRow({ "data-user-id": user.id }, cells);
+    });
+    $("users-table").tBodies[0].replaceChildren(...rows);
+  }
+
+  function roleSelect(user) {
+    const select = el("select", { "aria-label": `Role of ${user.email}`, "data-action": "role" });
+    setOptions(select, [["member", "member"], ["admin", "admin"]], user.role);
+    select.addEventListener("change", async () => {
+      const role = select.value;
+      try {
+        const updated = await api("PATCH", userPath(user), { role });
+        notify(`${updated.email} is now ${updated.role === "admin" ? "an admin" : "a member"}.`);
+      } catch (err) {
+        if (state.key) showError(err);
+      }
+      await reloadUsers();
+      focusUserAction(user.id, "role");
+    });
+    return select;
+  }
+
+  function userActions(user) {
+    const button = (label, action, onclick, kind = "") =>
+      el("button", {
+        type: "button",
+        class: `small ${kind}`,
+        "data-action": action,
+        "aria-label": `${label} ${user.email}`,
+        onclick,
+      }, label);
+    return el(
+      "div",
+      { class: "row-actions" },
+      button("Server access", "grants", () => openGrants(user)),
+      button("Keys", "keys", () => showUserKeys(user)),
+      user.is_active
+        ? button("Disable", "toggle", () => confirmDisableUser(user), "danger")
+        : button("Enable", "toggle", () => setUserActive(user, true)),
+    );
+  }
+
+  function focusUserAction(userId, action) {
+    const row = [...$("users-table").tBodies[0].rows].find((r) => r.dataset.userId === userId);
+    const target = row && row.querySelector(`[data-action="${action}"]`);
+    (target || $("users-title")).focus();
+  }
+
+  async function setUserActive(user, active) {
+    const updated = await api("PATCH", userPath(user), { is_active: active }).catch((err) => {
+      if (state.key) showError(err);
+      return null;
+    });
+    if (updated) notify(`${updated.is_active ? "Enabled" : "Disabled"} ${updated.email}.`);
+    await reloadUsers();
+    focusUserAction(user.id, "toggle");
+  }
+
+  function confirmDisableUser(user) {
+    confirmAction(
+      `Disable ${user.email}?`,
+      "Every key of this user stops working at once. You can enable the user again later." +
+        (user.id === state.userId ? " This is you: you will be signed out." : ""),
+      "Disable user",
+      async () => {
+        const updated = await api("PATCH", userPath(user), { is_active: false });
+        notify(`Disabled ${updated.email}.`);
+      },
+      async () => {
+        await reloadUsers();
+        focusUserAction(user.id, "toggle");
+      },
+    );
+  }
+
+  function showUserKeys(user) {
+    selectTab("keys");
+    $("filter-user").value = user.id;
+    $("filter-status").value = "";
+    reloadKeys().then(() => $("keys-title").focus());
+  }
+
+  function openAddUser() {
+    $("user-form").reset();
+    $("user-error").textContent = "";
+    openDialog($("user-dialog"), $("user-email"));
+  }
+
+  async function submitUser(event) {
+    event.preventDefault();
+    const dialog = $("user-dialog");
+    const fields = { email: "user-email", display_name: "user-display-name", role: "user-role" };
+    await runDialog(dialog, "user-error", fields, async () => {
+      const email = $("user-email").value.trim();
+      if (!email) throw new Problem("Enter the user's email address.", 0, "email");
+      const created = await api("POST", "api/users", {
+        email,
+        display_name: $("user-display-name").value.trim(),
+        role: $("user-role").value,
+      });
+      dialog.close();
+      notify(`Added ${created.email}. Grant server access with “Server access”.`);
+      await reloadUsers();
+      focusUserAction(created.id, "grants");
+    });
+  }
+
+  function openGrants(user) {
+    granting = user;
+    $("grants-title").textContent = `Server access for ${user.email}`;
+    $("grants-error").textContent = "";
+    fillServerPicker($("grant-servers"), user.servers, { noteUngranted: false });
+    openDialog($("grants-dialog"), $("grant-servers").querySelector("input:checked"));
+  }
+
+  async function submitGrants(event) {
+    event.preventDefault();
+    const dialog = $("grants-dialog");
+    await runDialog(dialog, "grants-error", {}, async () => {
+      const servers = readServerPicker($("grant-servers"));
+      const updated = await api("PUT", userPath(granting, "/servers"), { servers });
+      dialog.close();
+      notify(`${updated.email} may reach: ${serversText(updated.servers)}.`);
+      await reloadUsers();
+      focusUserAction(updated.id, "grants");
+    });
+  }
+
+  // --- tabs ---
+
+  function selectTab(name) {
+    for (const tab of $("tabs").querySelectorAll('[role="tab"]')) {
+      const selected = tab.id === `tab-${name}`;
+      tab.setAttribute("aria-selected", String(selected));
+      tab.tabIndex = selected ? 0 : -1;
+      $(tab.getAttribute("aria-controls")).hidden = !selected;
+    }
+  }
+
+  function onTabKey(event) {
+    if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+    const tabs = [...$("tabs").querySelectorAll('[role="tab"]')];
+    const step = event.key === "ArrowRight" ? 1 : -1;
+    const next = tabs[(tabs.indexOf(event.target) + step + tabs.length) % tabs.length];
+    next.focus();
+    next.click();
+  }
+
+  async function showUsersTab() {
+    notify("");
+    selectTab("users");
+    await reloadUsers();
+  }
+
+  // --- wiring ---
+
+  function init() {
+    $("sign-in-form").addEventListener("submit", submitSignIn);
+    $("sign-out").addEventListener("click", () => signOut());
+    $("tab-keys").addEventListener("click", () => {
+      notify("");
+      selectTab("keys");
+    });
+    $("tab-users").addEventListener("click", showUsersTab);
+    $("tabs").addEventListener("keydown", onTabKey);
+    $("filter-user").addEventListener("change", reloadKeys);
+    $("filter-status").addEventListener("change", reloadKeys);
+    $("key-filters").addEventListener("submit", (event) => event.preventDefault());
+    $("create-key").addEventListener("click", () => openKeyDialog());
+    $("key-form").addEventListener("submit", submitKey);
+    $("key-form").addEventListener("change", syncKeyDialog);
+    $("rotate-form").addEventListener("submit", submitRotate);
+    $("copy-key").addEventListener("click", copyKey);
+    $("reveal-dialog").addEventListener("close", () => {
+      $("reveal-slot").replaceChildren();
+      $("copy-status").textContent = "";
+    });
+    $("confirm-form").addEventListener("submit", submitConfirm);
+    for (const dialog of document.querySelectorAll("dialog")) {
+      dialog.addEventListener("close", onDialogClosed);
+    }
+    $("add-user").addEventListener("click", openAddUser);
+    $("user-form").addEventListener("submit", submitUser);
+    $("grants-form").addEventListener("submit", submitGrants);
+    $("grants-form").addEventListener("change", () => syncServerPicker($("grant-servers")));
+    document.addEventListener("click", (event) => {
+      const closer = event.target.closest("[data-close]");
+      if (closer) closer.closest("dialog").close();
+    });
+
+    const saved = sessionStorage.getItem(STORAGE_KEY);
+    if (!saved) {
+      $("sign-in-key").focus();
+      return;
+    }
+    $("sign-in-view").hidden = true;
+    signIn(saved).catch((err) => signOut(`Please sign in again: ${err.message}`));
+  }
+
+  init();
+})();
