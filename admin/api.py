@@ -8,10 +8,19 @@ from typing import Any
 from aiohttp import web
 
 from admin import compat, page, validate
-from admin.http import RUNTIME, authenticate, error_middleware, invalid, json_response, read_json
+from admin.http import (
+    RUNTIME,
+    TRUSTED,
+    authenticate,
+    error_middleware,
+    invalid,
+    json_response,
+    read_json,
+)
 from admin.openapi import openapi_document
 from admin.service import KeyAdmin, UserAdmin
 from gateway import policy
+from gateway.headers import TrustedProxies
 from gateway.models import ApiKey, User, iso
 from gateway.runtime import Runtime
 
@@ -210,6 +219,7 @@ async def openapi(_: web.Request) -> web.Response:
 def create_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=ADMIN_BODY_LIMIT)
     app[RUNTIME] = runtime
+    app[TRUSTED] = TrustedProxies(runtime.settings.gateway.trusted_proxies)
     servers = runtime.settings.mcp_servers
     app[KEYS] = KeyAdmin(runtime.keyring, servers)
     app[USERS] = UserAdmin(runtime.keyring, servers)

@@ -17,6 +17,7 @@ from gateway import policy
 from gateway.auth import credential
 from gateway.db import STORE_UNAVAILABLE
 from gateway.errors import ApiError, forbidden, not_found
+from gateway.headers import TrustedProxies
 from gateway.models import Principal
 from gateway.runtime import Runtime
 from gateway.store import Actor
@@ -24,6 +25,7 @@ from gateway.store import Actor
 log = logging.getLogger("keystile.admin")
 
 RUNTIME = web.AppKey("admin_runtime", Runtime)
+TRUSTED = web.AppKey("admin_trusted_proxies", TrustedProxies)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -60,10 +62,13 @@ class Caller:
 async def authenticate(request: web.Request) -> Caller:
     """Verify the request's key as the data plane does, then require `keys` or `admin`."""
     runtime = request.app[RUNTIME]
-    principal = await runtime.authenticator.authenticate(
-        credential(request.headers), request.remote or ""
+    client = request.app[TRUSTED].client(
+        request.remote, request.headers.getall("X-Forwarded-For", ())
     )
+    principal = await runtime.authenticator.authenticate(credential(request.headers), client)
     policy.check_usable(principal, datetime.now(UTC))
+    if principal.key.allowed_cidrs is not None:
+        policy.require_address(principal, client)  # or the key could mint an unbound one
     runtime.usage.record(principal.key.id)
     caller = Caller(principal)
     if not caller.is_admin and "keys" not in principal.key.permissions:

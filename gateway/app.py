@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import Address, Settings
 from gateway.dataplane import DataPlane
@@ -18,6 +19,27 @@ from gateway.runtime import Runtime
 log = logging.getLogger("keystile")
 
 RUNTIME = web.AppKey("runtime", Runtime)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request its parser refused with the offending raw line attached, and
+    that line may be a credential header (a key with a stray CR): keep only the error's kind."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a malformed request: %s"
+            record.args = (type(exc).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _install_log_hygiene() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
 
 
 def create_gateway_app(runtime: Runtime) -> web.Application:
@@ -80,10 +102,19 @@ def bound_port(runner: web.AppRunner) -> int:
 
 
 async def start_site(
-    app: web.Application, address: Address, *, settings: Settings, reuse_port: bool = False
+    app: web.Application,
+    address: Address,
+    *,
+    settings: Settings,
+    reuse_port: bool = False,
+    cancel_on_disconnect: bool = False,
 ) -> web.AppRunner:
+    _install_log_hygiene()
     runner = web.AppRunner(
         app,
+        # For the data plane: a client that goes away cancels its handler, which closes the
+        # upstream request too (an SSE stream, a long tool call) instead of leaving it running.
+        handler_cancellation=cancel_on_disconnect,
         access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
         shutdown_timeout=settings.gateway.shutdown_timeout,
         # Also the deadline for a request head: aiohttp closes a connection whose head is
@@ -116,6 +147,7 @@ async def serve_until_signalled(
                 settings.gateway.listen,
                 settings=settings,
                 reuse_port=reuse_port,
+                cancel_on_disconnect=True,
             ),
             await start_site(
                 admin_factory(runtime),

@@ -23,9 +23,11 @@ from gateway.errors import invalid_key, store_unavailable
 from gateway.metrics import Metrics
 from gateway.models import KeyHashes, Principal
 from gateway.store import Store
-from gateway.throttle import FailureThrottle
+from gateway.throttle import FailureThrottle, too_many_attempts
 
 log = logging.getLogger("keystile.auth")
+
+_MAX_INFLIGHT_PER_KEY = 2
 
 # What the store raises when it cannot answer: connection trouble, timeouts, a server gone.
 STORE_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -60,6 +62,7 @@ class Authenticator:
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(verify_concurrency, thread_name_prefix="argon2")
         self._inflight: dict[bytes, asyncio.Task[Principal | None]] = {}
+        self._inflight_per_key: dict[str, int] = {}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -104,13 +107,24 @@ class Authenticator:
         # does not cancel it for the others waiting on the same key.
         task = self._inflight.get(fingerprint)
         if task is None:
+            # Distinct secrets for one key id verify at most this many at once: a burst of
+            # guesses cannot outrun the failure count (a rotation needs two at most).
+            running = self._inflight_per_key.get(parsed.key_id, 0)
+            if running >= _MAX_INFLIGHT_PER_KEY:
+                raise too_many_attempts(1)
+            self._inflight_per_key[parsed.key_id] = running + 1
             task = asyncio.create_task(self._load_and_verify(parsed, fingerprint))
             self._inflight[fingerprint] = task
-            task.add_done_callback(lambda done: self._finished(fingerprint, done))
+            task.add_done_callback(lambda done: self._finished(fingerprint, parsed.key_id, done))
         return await asyncio.shield(task)
 
-    def _finished(self, fingerprint: bytes, task: asyncio.Task[Principal | None]) -> None:
+    def _finished(
+        self, fingerprint: bytes, key_id: str, task: asyncio.Task[Principal | None]
+    ) -> None:
         self._inflight.pop(fingerprint, None)
+        left = self._inflight_per_key.pop(key_id, 1) - 1
+        if left > 0:
+            self._inflight_per_key[key_id] = left
         if not task.cancelled():
             task.exception()  # retrieved here; every waiter still gets it re-raised
 

@@ -12,7 +12,6 @@ from gateway import paths, policy
 from gateway.auth import Authenticator, credential
 from gateway.config import UpstreamSettings
 from gateway.errors import ApiError, not_found
-from gateway.headers import client_address
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
 from gateway.proxy import Forwarder
@@ -46,7 +45,7 @@ class DataPlane:
         self._metrics = metrics
         self._readiness = readiness
         self._limiter = KeyRateLimiter()
-        self._trusted_proxies = forwarder.has_trusted_proxies
+        self._trusted = forwarder.trusted
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         kind = "invalid"
@@ -112,11 +111,9 @@ class DataPlane:
         )
 
     def _client(self, request: web.Request) -> str:
-        remote = request.remote or ""
-        if not self._trusted_proxies:
-            return remote
-        forwarded = request.headers.getall("X-Forwarded-For", ())
-        return client_address(remote, forwarded, self._forwarder.is_trusted)
+        if not self._trusted:
+            return request.remote or ""
+        return self._trusted.client(request.remote, request.headers.getall("X-Forwarded-For", ()))
 
     async def _ready(self) -> web.Response:
         checks = await self._readiness()

@@ -7,6 +7,7 @@ the client's credentials, and identity/forwarding headers a client could forge.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -43,6 +44,31 @@ def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
     if not value:
         return frozenset()
     return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+class TrustedProxies:
+    """The configured proxies whose X-Forwarded-* values are believed."""
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def is_trusted(self, address: str | None) -> bool:
+        if not self._networks or not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def client(self, remote: str | None, forwarded_for: Iterable[str]) -> str:
+        """The calling client's address (see client_address)."""
+        if not self._networks:
+            return remote or ""
+        return client_address(remote or "", forwarded_for, self.is_trusted)
 
 
 def client_address(

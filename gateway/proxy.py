@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -21,7 +20,11 @@ from yarl import URL
 
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError
-from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.headers import (
+    TrustedProxies,
+    downstream_response_headers,
+    upstream_request_headers,
+)
 from gateway.metrics import Metrics
 from gateway.sse import EndpointRewriter
 
@@ -49,7 +52,7 @@ class Forwarder:
     def __init__(self, settings: GatewaySettings, metrics: Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._trusted = settings.trusted_proxies
+        self.trusted = TrustedProxies(settings.trusted_proxies)
         self.session: aiohttp.ClientSession | None = None
         self._streams: set[aiohttp.ClientResponse] = set()
         self._ending = False
@@ -78,19 +81,6 @@ class Forwarder:
             await self.session.close()
             self.session = None
 
-    @property
-    def has_trusted_proxies(self) -> bool:
-        return bool(self._trusted)
-
-    def is_trusted(self, address: str | None) -> bool:
-        if not self._trusted or address is None:
-            return False
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._trusted)
-
     async def forward(
         self,
         request: web.Request,
@@ -113,13 +103,19 @@ class Forwarder:
             client_ip=request.remote or "",
             scheme=request.scheme,
             host=request.host,
-            trusted_client=self.is_trusted(request.remote),
+            trusted_client=self.trusted.is_trusted(request.remote),
             identity=identity,
             extra=extra_headers,
         )
         data = await self._request_body(request, length, limit)
         try:
-            async with asyncio.timeout(self._settings.response_timeout):
+            # The response timeout counts from when the body is sent: a long, steady upload
+            # is not the upstream being slow (a stalled one is body_timeout's business).
+            async with asyncio.timeout(None) as deadline:
+                if isinstance(data, LimitedBody):
+                    data.on_complete = lambda: deadline.reschedule(self._response_deadline())
+                else:
+                    deadline.reschedule(self._response_deadline())
                 upstream = await self.session.request(
                     request.method,
                     URL(url, encoded=True),  # the path was judged raw: send it byte for byte
@@ -128,6 +124,8 @@ class Forwarder:
                     allow_redirects=False,
                 )
         except TimeoutError:
+            if isinstance(data, LimitedBody) and data.stalled:
+                raise body_timeout() from None
             self._metrics.upstream_errors += 1
             raise ApiError(
                 504, "upstream_timeout", "The upstream did not answer in time."
@@ -145,6 +143,9 @@ class Forwarder:
             if rewrite_endpoint is not None and _is_event_stream(upstream):
                 rewriter = EndpointRewriter(*rewrite_endpoint)
             return await self._stream_back(request, upstream, rewriter, response_headers)
+
+    def _response_deadline(self) -> float:
+        return asyncio.get_running_loop().time() + self._settings.response_timeout
 
     async def _request_body(
         self, request: web.Request, length: int | None, limit: int
@@ -174,11 +175,11 @@ class Forwarder:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
-        await response.prepare(request)
         idle = self._settings.stream_idle_timeout
         chunks = upstream.content.iter_any() if idle <= 0 else _idle_limited(upstream, idle)
         self._streams.add(upstream)
         try:
+            await response.prepare(request)
             async for chunk in chunks:
                 if rewriter is not None:
                     chunk = rewriter.feed(chunk)
@@ -186,6 +187,10 @@ class Forwarder:
                     await response.write(chunk)
             if rewriter is not None and (rest := rewriter.flush()):
                 await response.write(rest)
+        except ConnectionResetError:
+            # The client went away (checked first: aiohttp's reset is also a ClientError);
+            # leaving `async with` in forward() releases the upstream connection.
+            return response
         except (aiohttp.ClientError, TimeoutError) as exc:
             if self._ending:  # we closed it: a deliberate, clean end of the stream
                 await _end_quietly(response)
@@ -195,8 +200,6 @@ class Forwarder:
             log.warning("upstream stream broke: %s", type(exc).__name__)
             _abort(request)
             return response
-        except ConnectionResetError:
-            return response  # the client went away; leaving `async with` releases upstream
         finally:
             self._streams.discard(upstream)
         await response.write_eof()
@@ -216,6 +219,7 @@ class LimitedBody:
         self._stall = stall
         self.exceeded = False
         self.stalled = False
+        self.on_complete: Callable[[], None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         total = 0
@@ -226,6 +230,8 @@ class LimitedBody:
                 self.stalled = True
                 raise
             if not chunk:
+                if self.on_complete is not None:
+                    self.on_complete()
                 return
             total += len(chunk)
             if total > self._limit:

@@ -236,7 +236,10 @@ class Keystile:
 async def start_keystile(settings: Settings, database_url: str) -> AsyncIterator[Keystile]:
     async with open_runtime(settings, database_url) as runtime:
         gateway = await start_site(
-            create_gateway_app(runtime), settings.gateway.listen, settings=settings
+            create_gateway_app(runtime),
+            settings.gateway.listen,
+            settings=settings,
+            cancel_on_disconnect=True,
         )
         admin = await start_site(
             create_admin_app(runtime), settings.admin.listen, settings=settings

@@ -1,0 +1,251 @@
+"""MCP servers built with the official SDK, run in-process by uvicorn on 127.0.0.1.
+
+Every server records what reached it and what it answered (method, path, query, request
+headers, status, response headers) at the ASGI layer, so tests can compare the wire on both
+sides of the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.sse import SseServerTransport
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOOPBACK = "127.0.0.1"
+IDENTITY = ("x-keystile-user-id", "x-keystile-key-id", "x-keystile-workspace-id")
+# The SDK's own default for a server bound to loopback: a request with a foreign Host is refused,
+# so every exchange that succeeds proves the gateway sent the upstream's own Host.
+LOOPBACK_ONLY = TransportSecuritySettings(
+    enable_dns_rebinding_protection=True,
+    allowed_hosts=[f"{LOOPBACK}:*", "localhost:*"],
+    allowed_origins=[f"http://{LOOPBACK}:*", "http://localhost:*"],
+)
+
+
+@dataclass
+class Exchange:
+    """One HTTP request as the server saw it, and the head of its answer."""
+
+    method: str
+    path: str
+    query: str
+    request_headers: list[tuple[str, str]]
+    status: int | None = None
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the app returned
+
+    def header(self, name: str) -> str | None:
+        """A request header's value (the first, if repeated)."""
+        return next((v for k, v in self.request_headers if k == name.lower()), None)
+
+    def response_header(self, name: str) -> str | None:
+        return next((v for k, v in self.response_headers if k == name.lower()), None)
+
+
+def _decode(headers: Any) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
+
+
+class Recorder:
+    """ASGI middleware: appends an Exchange per HTTP request, filled in as it is answered."""
+
+    def __init__(self, app: ASGIApp, exchanges: list[Exchange]) -> None:
+        self.app = app
+        self.exchanges = exchanges
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        exchange = Exchange(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope["query_string"].decode("latin-1"),
+            request_headers=_decode(scope["headers"]),
+        )
+        self.exchanges.append(exchange)
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                exchange.response_headers = _decode(message.get("headers", []))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            exchange.ended.set()
+
+
+@dataclass
+class McpApp:
+    """An ASGI app wrapped in a Recorder, with the records it fills."""
+
+    app: ASGIApp
+    exchanges: list[Exchange] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the tools did, e.g. "wait cancelled"
+
+    def __post_init__(self) -> None:
+        self.app = Recorder(self.app, self.exchanges)
+
+
+@dataclass
+class RunningServer:
+    port: int
+    exchanges: list[Exchange]
+    notes: list[str]
+
+    @property
+    def origin(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def requests(self, method: str | None = None, path: str | None = None) -> list[Exchange]:
+        return [
+            e
+            for e in self.exchanges
+            if (method is None or e.method == method) and (path is None or e.path == path)
+        ]
+
+
+class _InProcessServer(uvicorn.Server):
+    """uvicorn without signal handlers: the test process keeps its own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _started(server: uvicorn.Server, task: asyncio.Task[None]) -> int:
+    while not server.started:
+        if task.done():
+            task.result()  # raises why it could not start
+            raise RuntimeError("uvicorn stopped before it started")
+        await asyncio.sleep(0.01)
+    port: int = server.servers[0].sockets[0].getsockname()[1]
+    return port
+
+
+@contextlib.asynccontextmanager
+async def serve(*apps: McpApp) -> AsyncIterator[list[RunningServer]]:
+    """Serve each app with uvicorn on its own ephemeral 127.0.0.1 port for the block; after it,
+    all are stopped together and awaited."""
+    servers: list[uvicorn.Server] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for app in apps:
+            config = uvicorn.Config(
+                app.app,
+                host=LOOPBACK,
+                port=0,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=3,
+            )
+            servers.append(_InProcessServer(config))
+            tasks.append(asyncio.create_task(servers[-1].serve()))
+        ports = [await _started(server, task) for server, task in zip(servers, tasks, strict=True)]
+        yield [
+            RunningServer(port, app.exchanges, app.notes)
+            for port, app in zip(ports, apps, strict=True)
+        ]
+    finally:
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks)
+
+
+def tools_server(name: str, notes: list[str]) -> MCPServer:
+    """An SDK server with a few tools: plain ones, a progress reporter, a slow one that notes
+    whether it finished or was cancelled, and an identity probe."""
+    mcp = MCPServer(name, version="2.0.0", log_level="WARNING")
+
+    @mcp.tool()
+    def echo(text: str) -> str:
+        """Return the text."""
+        return text
+
+    @mcp.tool()
+    def add(a: float, b: float) -> str:
+        """Add two numbers."""
+        return str(a + b)
+
+    @mcp.tool()
+    def region(
+        code: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})],
+    ) -> str:
+        """Echo a region code; 2026-07-28 clients mirror it in an Mcp-Param-Region header."""
+        return f"region={code}"
+
+    @mcp.tool()
+    async def count(steps: int, delay: float, ctx: Context) -> str:
+        """Report progress `steps` times, `delay` seconds apart."""
+        for n in range(1, steps + 1):
+            await asyncio.sleep(delay)
+            await ctx.report_progress(n, steps, f"step {n}")
+        return f"counted {steps}"
+
+    @mcp.tool()
+    async def wait(seconds: float) -> str:
+        """Sleep, noting whether the sleep finished or was cancelled."""
+        notes.append("wait started")
+        try:
+            await asyncio.sleep(seconds)
+        except BaseException:
+            notes.append("wait cancelled")
+            raise
+        notes.append("wait finished")
+        return "waited"
+
+    @mcp.tool()
+    def whoami(ctx: Context) -> str:
+        """The identity and credential headers this server received with the call."""
+        request = ctx.request_context.request
+        assert isinstance(request, Request)
+        names = (*IDENTITY, "authorization", "x-api-key")
+        return json.dumps({name: request.headers.get(name) for name in names})
+
+    return mcp
+
+
+def streamable_app() -> McpApp:
+    """tools_server() over Streamable HTTP at /mcp: session-based for 2025 clients, stateless
+    for 2026-07-28 ones (the SDK routes on MCP-Protocol-Version)."""
+    notes: list[str] = []
+    mcp = tools_server("sdk-tools", notes)
+    app = mcp.streamable_http_app(transport_security=LOOPBACK_ONLY, session_idle_timeout=60)
+    return McpApp(app, notes=notes)
+
+
+def sse_app() -> McpApp:
+    """tools_server() over the legacy HTTP+SSE transport, wired as the SDK's SseServerTransport
+    docs show: GET /sse opens the stream, POST /messages/?session_id=... carries messages."""
+    notes: list[str] = []
+    lowlevel = tools_server("sdk-legacy", notes)._lowlevel_server
+    transport = SseServerTransport("/messages/", security_settings=LOOPBACK_ONLY)
+
+    async def handle_sse(request: Request) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as streams:
+            await lowlevel.run(streams[0], streams[1], lowlevel.create_initialization_options())
+        return Response()
+
+    app = Starlette(
+        routes=[
+            Route("/sse", endpoint=handle_sse, methods=["GET"]),
+            Mount("/messages/", app=transport.handle_post_message),
+        ]
+    )
+    return McpApp(app, notes=notes)
