@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway.accesslog import ACCESS_LOGGER, AccessLogger, flush_access_log
 from gateway.config import Address, Settings
 from gateway.dataplane import DataPlane
 from gateway.proxy import Forwarder
@@ -83,8 +84,20 @@ def create_gateway_app(runtime: Runtime) -> web.Application:
         for task in deadline:
             task.cancel()
 
+    async def access_log_flusher(_: web.Application) -> AsyncIterator[None]:
+        async def flush_every_second() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                flush_access_log()
+
+        task = asyncio.create_task(flush_every_second())
+        yield
+        task.cancel()
+        flush_access_log()
+
     app.cleanup_ctx.append(upstream_session)
     app.cleanup_ctx.append(cancel_deadline)
+    app.cleanup_ctx.append(access_log_flusher)
     app.on_shutdown.append(end_streams_at_deadline)
     app.router.add_route("*", "/{tail:.*}", plane.handle)
     return app
@@ -112,10 +125,11 @@ async def start_site(
     _install_log_hygiene()
     runner = web.AppRunner(
         app,
+        access_log_class=AccessLogger,
         # For the data plane: a client that goes away cancels its handler, which closes the
         # upstream request too (an SSE stream, a long tool call) instead of leaving it running.
         handler_cancellation=cancel_on_disconnect,
-        access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
+        access_log=logging.getLogger(ACCESS_LOGGER) if settings.gateway.access_log else None,
         shutdown_timeout=settings.gateway.shutdown_timeout,
         # Also the deadline for a request head: aiohttp closes a connection whose head is
         # still incomplete when it expires, which is what stops slowloris clients.

@@ -24,6 +24,9 @@ FIXED_ROUTES: dict[tuple[str, ...], Kind] = {
     ("readyz",): "readyz",
 }
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# The common case: unreserved characters only, nothing to decode or normalise. Such a path
+# needs only the dot-segment check; anything else goes through the full judgement.
+PLAIN_PATH = re.compile(r"/[A-Za-z0-9._~/-]*")
 # A '%' must introduce exactly two hex digits; group 1 is None for a malformed escape.
 PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})?")
 # Encoded separators and '%' would be decoded into structure by some hop further on
@@ -112,11 +115,14 @@ def _split_target(raw_target: str) -> tuple[str, str]:
 def route(raw_target: str) -> Route:
     """Validate and normalise raw_target (path and query) and decide where it goes."""
     path, query = _split_target(raw_target)
-    _check_raw_path(path)
     segments = [s for s in path.split("/") if s]
+    if PLAIN_PATH.fullmatch(path) is None or len(path) > MAX_PATH_LENGTH:
+        _check_raw_path(path)
+        for segment in segments:
+            _judge(segment)
+    elif any(not s.strip(".") for s in segments):
+        raise PathError("dot-segment in path")
     trailing = path.endswith("/") and bool(segments)
-    for segment in segments:
-        _judge(segment)
 
     # Prefixes are compared in raw spelling and case-sensitively: "/mcp%2Dconnect" is unknown.
     if len(segments) >= 2 and segments[0] == MCP_PREFIX:

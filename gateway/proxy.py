@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import GatewaySettings
@@ -144,6 +145,24 @@ class Forwarder:
                 rewriter = EndpointRewriter(*rewrite_endpoint)
             return await self._stream_back(request, upstream, rewriter, response_headers)
 
+    async def _small_answer(
+        self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+    ) -> web.Response:
+        """A short answer of announced length is already (or nearly) in the read buffer:
+        send it in one write with its headers, instead of headers, chunk and end apart."""
+        try:
+            body = await upstream.read()
+        except aiohttp.ClientError as exc:
+            self._metrics.upstream_errors += 1
+            log.warning(
+                "upstream %s failed mid-answer: %s", _origin(str(upstream.url)), type(exc).__name__
+            )
+            raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
+        headers.popall("Content-Length", None)  # set from the body by Response
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, body=body, headers=headers
+        )
+
     def _response_deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._settings.response_timeout
 
@@ -170,6 +189,15 @@ class Forwarder:
         headers = downstream_response_headers(upstream.headers)
         if extra:
             headers.update(extra)
+        length = upstream.content_length
+        if (
+            rewriter is None
+            and length is not None
+            and length <= _SMALL_BODY
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
+            return await self._small_answer(upstream, headers)
         if rewriter is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
