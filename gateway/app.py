@@ -11,7 +11,7 @@ from contextlib import AbstractAsyncContextManager
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.accesslog import ACCESS_LOGGER, AccessLogger, flush_access_log
+from gateway.accesslog import AccessLogger, flush_access_log
 from gateway.config import Address, Settings
 from gateway.dataplane import DataPlane
 from gateway.proxy import Forwarder
@@ -129,7 +129,8 @@ async def start_site(
         # For the data plane: a client that goes away cancels its handler, which closes the
         # upstream request too (an SSE stream, a long tool call) instead of leaving it running.
         handler_cancellation=cancel_on_disconnect,
-        access_log=logging.getLogger(ACCESS_LOGGER) if settings.gateway.access_log else None,
+        # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.
+        access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
         shutdown_timeout=settings.gateway.shutdown_timeout,
         # Also the deadline for a request head: aiohttp closes a connection whose head is
         # still incomplete when it expires, which is what stops slowloris clients.

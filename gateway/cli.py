@@ -16,7 +16,6 @@ from dataclasses import replace
 
 import asyncpg
 
-from gateway.accesslog import ACCESS_LOGGER, buffered_handler
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 
@@ -78,11 +77,11 @@ def _load(path: str | None) -> Settings | None:
 
 
 def _setup_logging(settings: Settings) -> None:
-    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=settings.logging.level.upper(), format=log_format, stream=sys.stderr)
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.addHandler(buffered_handler(logging.Formatter(log_format)))
-    access.propagate = False
+    logging.basicConfig(
+        level=settings.logging.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 @contextlib.contextmanager
