@@ -1,0 +1,1 @@
+"""Keystile benchmark: `python -m bench.run` (see bench/README.md)."""

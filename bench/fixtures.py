@@ -1,0 +1,184 @@
+"""Databases, keys and admin calls for the benchmark, through the product's own APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from gateway import keys
+from gateway.cache import KeyCache
+from gateway.config import DatabaseSettings
+from gateway.db import connect_and_migrate
+from gateway.keyring import Keyring
+from gateway.store import Actor, Store
+
+
+def with_database(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    root = base.rsplit("/", 1)[0]
+    return f"{root}/{name}" + (f"?{query}" if query else "")
+
+
+async def create_database(root_url: str, name: str) -> str:
+    conn = await asyncpg.connect(root_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return with_database(root_url, name)
+
+
+async def drop_database(root_url: str, name: str) -> None:
+    conn = await asyncpg.connect(root_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def db_stats(root_url: str, name: str) -> dict[str, int]:
+    """Transactions of database `name` and scans of the tables a key lookup reads.
+
+    Cumulative statistics reach the views up to ~10 s after an idle backend ran the query
+    (PostgreSQL flushes them at most once a second, and 10 s after going idle), so callers
+    wait before taking a snapshot. Read from another database, so reading does not count
+    as a transaction of `name`; the table scans need a connection to `name` itself (one
+    transaction, counted by the next snapshot).
+    """
+    conn = await asyncpg.connect(root_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched "
+            "FROM pg_stat_database WHERE datname = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    out = {k: int(v) for k, v in dict(row).items()}
+    conn = await asyncpg.connect(with_database(root_url, name))
+    try:
+        for rel in await conn.fetch(
+            "SELECT relname, COALESCE(seq_scan, 0) + COALESCE(idx_scan, 0) AS scans, "
+            "n_tup_upd FROM pg_stat_user_tables "
+            "WHERE relname IN ('api_keys', 'users', 'workspaces', 'server_grants')"
+        ):
+            out[f"{rel['relname']}_scans"] = int(rel["scans"])
+            out[f"{rel['relname']}_updates"] = int(rel["n_tup_upd"])
+    finally:
+        await conn.close()
+    return out
+
+
+def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+@dataclass
+class Admin:
+    """The admin API of one Keystile instance, called with an admin key."""
+
+    http: aiohttp.ClientSession
+    base: str
+    key: str
+
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    async def _call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
+        async with self.http.request(
+            method, self.base + path, json=body, headers=self._headers
+        ) as resp:
+            text = await resp.text()
+            if resp.status != expect:
+                raise RuntimeError(f"{method} {path}: {resp.status} {text[:300]}")
+            return await resp.json() if text else None
+
+    async def create_user(self, email: str, servers: list[str]) -> dict[str, Any]:
+        body = {"email": email, "display_name": "bench", "role": "member", "servers": servers}
+        user: dict[str, Any] = await self._call("POST", "/api/users", body, expect=201)
+        return user
+
+    async def create_key(self, user_id: str, name: str, servers: list[str]) -> tuple[str, str]:
+        body = {"name": name, "user_id": user_id, "servers": servers, "permissions": ["mcp"]}
+        created = await self._call("POST", "/api/keys", body, expect=201)
+        return str(created["id"]), str(created["key"])
+
+    async def revoke(self, key_id: str) -> None:
+        await self._call("DELETE", f"/api/keys/{key_id}", expect=204)
+
+    async def metrics(self) -> dict[str, float]:
+        async with self.http.get(self.base + "/metrics") as resp:
+            text = await resp.text()
+        return parse_metrics(text)
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text to {name: value}; labelled samples are summed per name."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if match:
+            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(3))
+    return out
+
+
+async def open_store(url: str) -> tuple[asyncpg.Pool, Store, Keyring]:
+    """The product's Store and Keyring over a pool made as Keystile makes it (migrated)."""
+    settings = DatabaseSettings(pool_min_size=1, pool_max_size=16, statement_timeout=0)
+    pool = await connect_and_migrate(url, settings)  # no timeout: the 1M-row insert is long
+    store = Store(pool)
+    cache = KeyCache(max_entries=10, ttl_seconds=1, negative_max_entries=10, negative_ttl_seconds=0)
+    return pool, store, Keyring(store, cache, keys.KeyHasher())
+
+
+async def mint_keys(
+    keyring: Keyring,
+    actor: Actor,
+    user_id: str,
+    count: int,
+    *,
+    prefix: str,
+    servers: tuple[str, ...] = ("bench",),
+    concurrency: int = 16,
+) -> list[tuple[str, str]]:
+    """`count` real keys through Keyring.create_key (argon2 hashing in threads): (id, key)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(n: int) -> tuple[str, str]:
+        async with gate:
+            issued = await keyring.create_key(
+                actor, user_id=user_id, name=f"{prefix}-{n:07d}", servers=servers
+            )
+            return issued.record.id, issued.key
+
+    return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+FILLER_SQL = """
+INSERT INTO api_keys (id, user_id, workspace_id, name, servers, permissions,
+                      secret_hash, secret_prefix)
+SELECT 'F' || lpad(i::text, 15, '0'), $1, $2, 'filler-' || i, '{bench}', '{mcp}', $3, 'xxxx'
+FROM generate_series($4::int, $5::int) AS i
+"""
+
+
+async def insert_filler(
+    pool: asyncpg.Pool, *, user_id: str, workspace_id: str, start: int, stop: int, dummy: str
+) -> None:
+    """Filler keys [start, stop): valid ids and a real-format argon2 hash nobody can match."""
+    if stop <= start:
+        return
+    async with pool.acquire() as conn:
+        await conn.execute(FILLER_SQL, user_id, workspace_id, dummy, start, stop - 1)
+        await conn.execute("ANALYZE api_keys")
