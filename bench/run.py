@@ -1166,7 +1166,7 @@ class Bench:
             principal, hashes = loaded
             full = keys.generate(principal.user.id, key_id).full
             secret = VerifiedSecret(keys.fingerprint(full), None)
-            cache.put(key_id, CachedKey(principal, hashes.current, (secret,)), epoch=0)
+            cache.put(key_id, CachedKey.of(principal, hashes.current, secret), epoch=0)
             del loaded, principal, hashes, full, secret
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]

@@ -8,6 +8,7 @@ lookup and one verification.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from typing import NoReturn
 import asyncpg
 
 from gateway import keys
-from gateway.cache import CachedKey, KeyCache, VerifiedSecret
+from gateway.cache import CachedKey, KeyCache, VerifiedSecret, generation
 from gateway.errors import invalid_key, store_unavailable
 from gateway.metrics import Metrics
 from gateway.models import KeyHashes, Principal
@@ -73,11 +74,10 @@ class Authenticator:
 
         Whether the key may be used *now* (status, expiry, user) is policy.check_usable's call.
         """
-        parsed = keys.parse(token) if token else None
+        parsed, fingerprint = _parse(token) if token else (None, b"")
         if parsed is None:
             self._throttle.check(client, None)
             self._failed(client, None)
-        fingerprint = keys.fingerprint(parsed.full)
         entry = self._cache.get(parsed.key_id)
         if entry is not None:
             secret = entry.match(fingerprint)
@@ -146,7 +146,7 @@ class Authenticator:
         if secret is None:
             self._cache.remember_bad(fingerprint)
             return None
-        entry = CachedKey(principal, hashes.current, (secret,))
+        entry = CachedKey.of(principal, hashes.current, secret)
         self._cache.put(parsed.key_id, entry, epoch=epoch)
         return principal
 
@@ -164,7 +164,7 @@ class Authenticator:
         except STORE_ERRORS:
             self._metrics.store_errors += 1
             return entry.principal
-        if loaded is None or loaded[1].current != entry.hash_generation:
+        if loaded is None or generation(loaded[1].current) != entry.hash_generation:
             self._cache.evict_key(parsed.key_id)
             return None
         principal = loaded[0]
@@ -188,6 +188,14 @@ class Authenticator:
             if ok:
                 return VerifiedSecret(fingerprint, hashes.previous_expires_at)
         return None
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse(token: str) -> tuple[keys.ParsedKey | None, bytes]:
+    """Parse and fingerprint a credential, remembered per distinct value: a client repeats its
+    key on every request, and both are pure functions of it. Bounded, so garbage only churns."""
+    parsed = keys.parse(token)
+    return parsed, keys.fingerprint(parsed.full) if parsed is not None else b""
 
 
 def _within(valid_until: datetime | None) -> bool:

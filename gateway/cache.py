@@ -7,15 +7,16 @@ database and no argon2. Negative entries remember fingerprints of keys that fail
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
-from gateway.models import Principal
+from gateway.models import Principal, User, Workspace
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +28,13 @@ class VerifiedSecret:
 @dataclass(frozen=True, slots=True)
 class CachedKey:
     principal: Principal
-    hash_generation: str  # the current argon2 hash: entries from different rotations never merge
+    # A short digest of the current argon2 hash: entries from different rotations never merge.
+    hash_generation: bytes
     secrets: tuple[VerifiedSecret, ...]
+
+    @classmethod
+    def of(cls, principal: Principal, current_hash: str, secret: VerifiedSecret) -> CachedKey:
+        return cls(principal, generation(current_hash), (secret,))
 
     def match(self, fingerprint: bytes) -> VerifiedSecret | None:
         found = None
@@ -36,6 +42,10 @@ class CachedKey:
             if hmac.compare_digest(secret.fingerprint, fingerprint):
                 found = secret
         return found
+
+
+def generation(current_hash: str) -> bytes:
+    return hashlib.blake2b(current_hash.encode(), digest_size=8).digest()
 
 
 class KeyCache:
@@ -60,6 +70,8 @@ class KeyCache:
         # False while no invalidation listener is subscribed: hits are then re-checked
         # against the store, since a change may have gone unheard.
         self.trusted = False
+        self._users: LRUCache[str, User] = LRUCache(max_entries)
+        self._workspaces: LRUCache[str, Workspace] = LRUCache(1024)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -71,6 +83,7 @@ class KeyCache:
         """Store `entry` unless an eviction happened since `epoch` was read."""
         if epoch != self.epoch:
             return False
+        entry = replace(entry, principal=self._shared(entry.principal))
         existing = self._entries.get(key_id)
         if existing is not None and existing.hash_generation == entry.hash_generation:
             known = {s.fingerprint for s in entry.secrets}
@@ -78,6 +91,19 @@ class KeyCache:
             entry = CachedKey(entry.principal, entry.hash_generation, entry.secrets + kept[:3])
         self._entries[key_id] = entry
         return True
+
+    def _shared(self, principal: Principal) -> Principal:
+        """One User and one Workspace object per id across entries, while they are equal:
+        a user's many keys (and a workspace's many users) then cost their fields once."""
+        user = self._users.get(principal.user.id)
+        if user != principal.user:
+            user = self._users[principal.user.id] = principal.user
+        workspace = self._workspaces.get(principal.workspace.id)
+        if workspace != principal.workspace:
+            workspace = self._workspaces[principal.workspace.id] = principal.workspace
+        if user is principal.user and workspace is principal.workspace:
+            return principal
+        return Principal(principal.key, user, workspace)
 
     def is_known_bad(self, fingerprint: bytes) -> bool:
         return self._negative is not None and fingerprint in self._negative
@@ -92,6 +118,7 @@ class KeyCache:
 
     def evict_user(self, user_id: str) -> None:
         self.epoch += 1
+        self._users.pop(user_id, None)
         stale = [k for k, v in self._entries.items() if v.principal.user.id == user_id]
         for key_id in stale:
             self._entries.pop(key_id, None)

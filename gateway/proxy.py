@@ -172,6 +172,8 @@ class Forwarder:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
         if length is not None and length <= _SMALL_BODY:
+            if request.content.is_eof():
+                return await request.read()  # all there already: no timer needed
             try:
                 async with asyncio.timeout(self._settings.body_timeout):
                     return await request.read()
