@@ -120,15 +120,11 @@ async def start_site(
     *,
     settings: Settings,
     reuse_port: bool = False,
-    cancel_on_disconnect: bool = False,
 ) -> web.AppRunner:
     _install_log_hygiene()
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
-        # For the data plane: a client that goes away cancels its handler, which closes the
-        # upstream request too (an SSE stream, a long tool call) instead of leaving it running.
-        handler_cancellation=cancel_on_disconnect,
         # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.
         access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
         shutdown_timeout=settings.gateway.shutdown_timeout,
@@ -162,7 +158,6 @@ async def serve_until_signalled(
                 settings.gateway.listen,
                 settings=settings,
                 reuse_port=reuse_port,
-                cancel_on_disconnect=True,
             ),
             await start_site(
                 admin_factory(runtime),

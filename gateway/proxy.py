@@ -112,19 +112,25 @@ class Forwarder:
         try:
             # The response timeout counts from when the body is sent: a long, steady upload
             # is not the upstream being slow (a stalled one is body_timeout's business).
-            async with asyncio.timeout(None) as deadline:
-                if isinstance(data, LimitedBody):
-                    data.on_complete = lambda: deadline.reschedule(self._response_deadline())
-                else:
-                    deadline.reschedule(self._response_deadline())
-                upstream = await self.session.request(
-                    request.method,
-                    URL(url, encoded=True),  # the path was judged raw: send it byte for byte
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                )
+            async with asyncio.timeout(None) as timeout:
+                dog = Watchdog(request, timeout)
+                try:
+                    if isinstance(data, LimitedBody):
+                        data.on_complete = lambda: dog.expect_by(self._response_deadline())
+                    else:
+                        dog.expect_by(self._response_deadline())
+                    upstream = await self.session.request(
+                        request.method,
+                        URL(url, encoded=True),  # the path was judged raw: send it as is
+                        headers=headers,
+                        data=data,
+                        allow_redirects=False,
+                    )
+                finally:
+                    dog.stop()
         except TimeoutError:
+            if dog.reason == "client":
+                return _client_gone()
             if isinstance(data, LimitedBody) and data.stalled:
                 raise body_timeout() from None
             self._metrics.upstream_errors += 1
@@ -205,23 +211,28 @@ class Forwarder:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
-        idle = self._settings.stream_idle_timeout
-        chunks = upstream.content.iter_any() if idle <= 0 else _idle_limited(upstream, idle)
         self._streams.add(upstream)
+        dog: Watchdog | None = None
         try:
             await response.prepare(request)
-            async for chunk in chunks:
-                if rewriter is not None:
-                    chunk = rewriter.feed(chunk)
-                if chunk:
-                    await response.write(chunk)
-            if rewriter is not None and (rest := rewriter.flush()):
-                await response.write(rest)
-        except ConnectionResetError:
-            # The client went away (checked first: aiohttp's reset is also a ClientError);
-            # leaving `async with` in forward() releases the upstream connection.
+            async with asyncio.timeout(None) as timeout:
+                dog = Watchdog(request, timeout, idle=self._settings.stream_idle_timeout)
+                try:
+                    await _pump(upstream, response, rewriter, dog)
+                finally:
+                    dog.stop()
+        except TimeoutError:
+            # Only the watchdog times out here: the client left, or the upstream fell silent.
+            if dog is not None and dog.reason == "client":
+                return response  # leaving `async with` in forward() releases the upstream
+            self._metrics.upstream_errors += 1
+            log.warning("upstream stream idle past stream_idle_timeout")
+            _abort(request)
             return response
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except ConnectionResetError:
+            # The client went away (checked before ClientError: aiohttp's reset is both).
+            return response
+        except aiohttp.ClientError as exc:
             if self._ending:  # we closed it: a deliberate, clean end of the stream
                 await _end_quietly(response)
                 return response
@@ -270,10 +281,81 @@ class LimitedBody:
             yield chunk
 
 
-async def _idle_limited(upstream: aiohttp.ClientResponse, idle: float) -> AsyncIterator[bytes]:
-    """The body's chunks, raising TimeoutError if the upstream stays silent for `idle` s."""
-    while chunk := await asyncio.wait_for(upstream.content.readany(), idle):
-        yield chunk
+async def _pump(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    rewriter: EndpointRewriter | None,
+    dog: Watchdog,
+) -> None:
+    """Copy the upstream body to the client as it arrives (SSE events included)."""
+    watch_idle = dog.watches_idle
+    async for chunk in upstream.content.iter_any():
+        if watch_idle:
+            dog.active()
+        if rewriter is not None:
+            chunk = rewriter.feed(chunk)
+        if chunk:
+            await response.write(chunk)
+    if rewriter is not None and (rest := rewriter.flush()):
+        await response.write(rest)
+
+
+class Watchdog:
+    """One timer per request, ticking every second, that ends the awaited step (through the
+    enclosing asyncio.timeout) when the client has gone, a deadline has passed, or a stream
+    has been idle too long. The upstream request then ends too, and nobody pays a task per
+    request for disconnect detection (aiohttp's handler_cancellation)."""
+
+    TICK = 1.0
+
+    def __init__(self, request: web.Request, timeout: asyncio.Timeout, idle: float = 0) -> None:
+        self._request = request
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._idle = idle
+        self._deadline: float | None = None
+        self._last = self._loop.time()
+        self.reason: str | None = None  # "client", "deadline" or "idle" once fired
+        self._handle = self._loop.call_at(self._last + self.TICK, self._tick)
+
+    def expect_by(self, deadline: float) -> None:
+        self._deadline = deadline
+        if deadline < self._handle.when():
+            self._handle.cancel()
+            self._handle = self._loop.call_at(deadline, self._tick)
+
+    @property
+    def watches_idle(self) -> bool:
+        return self._idle > 0
+
+    def active(self) -> None:
+        self._last = self._loop.time()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            return self._fire("client", now)
+        if self._deadline is not None and now >= self._deadline:
+            return self._fire("deadline", now)
+        if self._idle > 0 and now - self._last >= self._idle:
+            return self._fire("idle", now)
+        following = now + self.TICK
+        if self._deadline is not None:
+            following = min(following, self._deadline)
+        self._handle = self._loop.call_at(following, self._tick)
+
+    def _fire(self, reason: str, now: float) -> None:
+        self.reason = reason
+        self._timeout.reschedule(now)  # the timeout cancels the awaited step: TimeoutError
+
+
+def _client_gone() -> web.Response:
+    # Nobody will read this; 499 (as nginx logs it) tells the access log and metrics why.
+    return web.Response(status=499)
 
 
 def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:

@@ -239,7 +239,6 @@ async def start_keystile(settings: Settings, database_url: str) -> AsyncIterator
             create_gateway_app(runtime),
             settings.gateway.listen,
             settings=settings,
-            cancel_on_disconnect=True,
         )
         admin = await start_site(
             create_admin_app(runtime), settings.admin.listen, settings=settings

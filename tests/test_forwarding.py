@@ -297,3 +297,21 @@ async def test_health_endpoints(keystile: Keystile) -> None:
     assert (await keystile.request("GET", "/healthz"))[:1] == (200,)
     status, _, body = await keystile.request("GET", "/readyz")
     assert status == 200 and body["store"] is True
+
+
+async def test_a_stream_silent_past_stream_idle_timeout_is_cut(
+    database_url: str, upstream: Upstream
+) -> None:
+    settings = make_settings(upstream, gateway={"stream_idle_timeout": 0.5})
+    async with start_keystile(settings, database_url) as ks:
+        issued = await a_key(ks)
+        url = ks.gateway + "/mcp-connect/gitlab/sse?count=3&delay=3"
+        received = b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with ks.http.get(url, headers={"Authorization": f"Bearer {issued.key}"}) as resp:
+                assert resp.status == 200
+                async with asyncio.timeout(10):
+                    async for chunk in resp.content.iter_any():
+                        received += chunk
+        assert received.startswith(b"id: 0")  # the first event came through, then silence
+        assert ks.runtime.metrics.upstream_errors == 1
