@@ -1015,6 +1015,56 @@ class Bench:
         data = json.loads(line)
         return {**clients.summary_ms(data["latencies"]), "statuses": data["statuses"]}
 
+    # --- abuse ---
+
+    async def attack(self) -> None:
+        """A flood of wrong secrets for real key ids, and of unknown keys, from one client:
+        how much argon2 work it causes, and what it does to an already-cached key."""
+        cfg = self.cfg
+        target = self.targets["keystile"]
+        await self.restart_keystile()  # fresh throttle windows, cold cache but for the hot key
+        admin = self.admin("keystile")
+        async with aiohttp.ClientSession() as warm:
+            await clients.post_once(warm, target.url, self.hot_key)
+        real = [keys.parse(k) for k in self.herd_keys[:200]]
+        forged = [keys.generate(p.user_id, p.key_id).full for p in real if p is not None]
+        unknown = [keys.generate(keys.new_id(), keys.new_id()).full for _ in range(200)]
+        seconds = 2.0 if cfg.quick else 10.0
+        statuses: dict[int, int] = {}
+        m0 = await admin.metrics()
+
+        async def flood() -> None:
+            deadline = time.monotonic() + seconds
+            connector = aiohttp.TCPConnector(limit=50)
+            async with aiohttp.ClientSession(connector=connector) as http:
+
+                async def worker(i: int) -> None:
+                    n = i
+                    while time.monotonic() < deadline:
+                        key = (forged if n % 2 else unknown)[n % len(unknown)]
+                        n += 50
+                        status, _ = await clients.post_once(http, target.url, key)
+                        statuses[status] = statuses.get(status, 0) + 1
+
+                await asyncio.gather(*(worker(i) for i in range(50)))
+
+        probe = await self._probe(target.url, flood)
+        m1 = await admin.metrics()
+        verifications = m1.get("keystile_argon2_verifications_total", 0) - m0.get(
+            "keystile_argon2_verifications_total", 0
+        )
+        self.results["attack"] = {
+            "method": f"{seconds:g} s from one client over 50 connections: wrong secrets for "
+            f"{len(forged)} real key ids alternating with {len(unknown)} unknown keys; "
+            "meanwhile a separate process uses an already-cached key",
+            "requests": sum(statuses.values()),
+            "statuses": statuses,
+            "argon2_verifications": int(verifications),
+            "argon2_per_second": round(verifications / seconds, 2),
+            "throttle": "throttle.failures_per_client = 20 per 60 s window (defaults)",
+            "cached_key_latency_during_attack": probe,
+        }
+
     # --- revocation ---
 
     async def revocation(self) -> None:
@@ -1211,6 +1261,7 @@ class Bench:
             ("herd", self.herd),
             ("revocation", self.revocation),
             ("store_scale", self.store_scale),
+            ("attack", self.attack),  # last: it leaves this client throttled for a window
         ]
         for name, phase in phases:
             print(f"== {name}", flush=True)

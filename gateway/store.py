@@ -7,7 +7,9 @@ a stale decision once the transaction commits.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -532,6 +534,16 @@ def _key_audit(key: ApiKey) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=4096)
+def _shared_tuple(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sys.intern(v) for v in values)
+
+
+def _shared(values: Sequence[str]) -> tuple[str, ...]:
+    """One tuple object per distinct list of names (servers, permissions)."""
+    return _shared_tuple(tuple(values))
+
+
 def _workspace(row: asyncpg.Record) -> Workspace:
     return Workspace(row["id"], row["name"], row["created_at"])
 
@@ -555,12 +567,13 @@ def _key(row: asyncpg.Record) -> ApiKey:
     cidrs = row["allowed_cidrs"]
     return ApiKey(
         id=row["id"],
-        user_id=row["user_id"],
-        workspace_id=row["workspace_id"],
+        # Shared across records: cached keys repeat these values many times over.
+        user_id=sys.intern(row["user_id"]),
+        workspace_id=sys.intern(row["workspace_id"]),
         name=row["name"],
         description=row["description"],
-        servers=tuple(row["servers"]),
-        permissions=tuple(row["permissions"]),
+        servers=_shared(row["servers"]),
+        permissions=_shared(row["permissions"]),
         valid_from=row["valid_from"],
         expires_at=row["expires_at"],
         is_active=row["is_active"],

@@ -27,6 +27,7 @@ EXPECTED_KEYS = {
     "herd",
     "revocation",
     "store_scale",
+    "attack",
     "targets",
     "errors",
 }
@@ -60,3 +61,4 @@ def test_quick_benchmark_writes_results(pg_url: str, tmp_path: Path) -> None:
     for entry in results["throughput"]["summary"].values():
         assert {"rps", "p50_ms", "p99_ms", "cpu_us_per_req"} <= set(entry)
     assert "ratio_keystile_to_reference" in results["hot_path"]
+    assert {"argon2_per_second", "statuses"} <= set(results["attack"])
