@@ -1041,7 +1041,8 @@ class Bench:
                 async def worker(i: int) -> None:
                     n = i
                     while time.monotonic() < deadline:
-                        key = (forged if n % 2 else unknown)[n % len(unknown)]
+                        pool = forged if n % 2 else unknown
+                        key = pool[n % len(pool)]
                         n += 50
                         status, _ = await clients.post_once(http, target.url, key)
                         statuses[status] = statuses.get(status, 0) + 1

@@ -101,7 +101,8 @@ def fingerprint(full_key: str) -> bytes:
 
     Only argon2 hashes are stored; this digest never leaves the process.
     """
-    return hashlib.blake2b(full_key.encode("ascii"), digest_size=32).digest()
+    # 128 bits: an exact-match check of keys that carry 256 random bits, held per cached key.
+    return hashlib.blake2b(full_key.encode("ascii"), digest_size=16).digest()
 
 
 class KeyHasher:

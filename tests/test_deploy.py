@@ -966,4 +966,4 @@ def test_deploy_readme_names_every_metric_and_only_real_ones() -> None:
     assert exported - named == set(), "metrics the README does not explain"
     for topic in ("PgBouncer", "listen_url", "statement_cache_size", "keystile migrate"):
         assert topic in readme, topic
-    assert "Requests per replica: see the benchmark section of the main README" in readme
+    assert "**Requests per replica.**" in readme and "bench/" in readme
