@@ -7,14 +7,21 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 from gateway.db import migrate
 from gateway.embedded_pg import EmbeddedPostgres
-from tests.support import Keystile, Upstream, make_settings, start_keystile, start_upstream
+from tests.support import (
+    FaultyProxy,
+    Keystile,
+    Upstream,
+    make_settings,
+    start_keystile,
+    start_upstream,
+)
 
 TEMPLATE = f"keystile_template_{os.getpid()}"
 
@@ -121,5 +128,11 @@ async def keystile(database_url: str, upstream: Upstream) -> AsyncIterator[Keyst
 
 
 @pytest.fixture
-def tmp_config(tmp_path: Path) -> Path:
-    return tmp_path / "keystile.toml"
+async def db_proxy(database_url: str) -> AsyncIterator[FaultyProxy]:
+    """A fault-injecting TCP proxy in front of the test's PostgreSQL (see FaultyProxy)."""
+    port = urlsplit(database_url).port
+    assert port is not None
+    proxy = FaultyProxy(port)
+    await proxy.start()
+    yield proxy
+    await proxy.cut()

@@ -308,3 +308,48 @@ class FaultyProxy:
         head, _, tail = database_url.partition("@")
         _, _, path = tail.partition("/")
         return f"{head}@{LOOPBACK}:{self.port}/{path}"
+
+
+ADMIN_PERMISSIONS = ["admin", "keys", "mcp", "chat"]
+NO_BODY = object()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: Any
+    text: str
+
+
+async def admin_call(
+    ks: Keystile,
+    method: str,
+    path: str,
+    key: str | None = None,
+    body: Any = NO_BODY,
+    *,
+    raw: bytes | None = None,
+) -> Reply:
+    """One request to the ADMIN plane; JSON in, JSON (or text) out."""
+    headers: dict[str, str] = {}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data: bytes | None = raw
+    if body is not NO_BODY:
+        data = json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    async with ks.http.request(method, ks.admin + path, headers=headers, data=data) as resp:
+        text = await resp.text()
+        try:
+            decoded: Any = json.loads(text)
+        except ValueError:
+            decoded = text
+        return Reply(resp.status, dict(resp.headers), decoded, text)
+
+
+async def make_admin(ks: Keystile, email: str = "admin@x") -> tuple[User, IssuedKey]:
+    """An admin user with a key holding every permission."""
+    admin = await ks.user(email, role="admin", servers=["*"])
+    return admin, await ks.key(admin, name="admin key", permissions=ADMIN_PERMISSIONS)

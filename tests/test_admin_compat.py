@@ -9,10 +9,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,9 +20,9 @@ import pytest
 from gateway.keyring import IssuedKey
 from gateway.models import User
 from gateway.store import Actor
-from tests.support import Keystile
+from tests.support import ADMIN_PERMISSIONS, NO_BODY, Keystile, Reply, make_admin
+from tests.support import admin_call as call
 
-ADMIN_PERMISSIONS = ["admin", "keys", "mcp", "chat"]
 INVALID_BEARER = 'Bearer realm="keystile", error="invalid_token"'
 CMS_FIELDS = {"id", "name", "token", "isActive", "validFrom", "validTo", "permissions"}
 AUTH_FIELDS = {
@@ -39,41 +37,6 @@ AUTH_FIELDS = {
     "updatedAt",
     "lastRequest",
 }
-
-_NO_BODY = object()
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: Any
-    text: str
-
-
-async def call(
-    ks: Keystile, method: str, path: str, key: str | None = None, body: Any = _NO_BODY
-) -> Reply:
-    """One request to the ADMIN plane; JSON in, JSON (or text) out."""
-    headers: dict[str, str] = {}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data: bytes | None = None
-    if body is not _NO_BODY:
-        data = json.dumps(body).encode()
-        headers["Content-Type"] = "application/json"
-    async with ks.http.request(method, ks.admin + path, headers=headers, data=data) as resp:
-        text = await resp.text()
-        try:
-            decoded: Any = json.loads(text)
-        except ValueError:
-            decoded = text
-        return Reply(resp.status, dict(resp.headers), decoded, text)
-
-
-async def make_admin(ks: Keystile, email: str = "admin@x") -> tuple[User, IssuedKey]:
-    admin = await ks.user(email, role="admin", servers=["*"])
-    return admin, await ks.key(admin, name="admin key", permissions=ADMIN_PERMISSIONS)
 
 
 async def make_member(
@@ -426,7 +389,7 @@ async def test_cms_delete_revokes(keystile: Keystile) -> None:
 async def test_cms_unknown_key_is_404(keystile: Keystile) -> None:
     _, admin_key = await make_admin(keystile)
     path = "/default/admin/api-keys/nosuchkey123"
-    for method, body in [("GET", _NO_BODY), ("PUT", {"name": "x"}), ("DELETE", _NO_BODY)]:
+    for method, body in [("GET", NO_BODY), ("PUT", {"name": "x"}), ("DELETE", NO_BODY)]:
         assert_error(await call(keystile, method, path, admin_key.key, body), 404, "not_found")
 
 
@@ -454,17 +417,17 @@ async def test_cms_workspace_is_the_callers_by_name_or_id(keystile: Keystile) ->
     key_path = f"/admin/api-keys/{own.record.id}"
     for workspace in ("other", other.id, "nosuchworkspace"):
         for method, path, body in [
-            ("GET", f"/{workspace}/admin/api-keys", _NO_BODY),
+            ("GET", f"/{workspace}/admin/api-keys", NO_BODY),
             ("POST", f"/{workspace}/admin/api-keys", {"name": "sneaky"}),
-            ("GET", f"/{workspace}{key_path}", _NO_BODY),
+            ("GET", f"/{workspace}{key_path}", NO_BODY),
             ("PUT", f"/{workspace}{key_path}", {"isActive": False}),
-            ("DELETE", f"/{workspace}{key_path}", _NO_BODY),
+            ("DELETE", f"/{workspace}{key_path}", NO_BODY),
         ]:
             reply = await call(keystile, method, path, admin_key.key, body)
             assert_error(reply, 404, "not_found")
     # A key of another workspace is not there, even through the caller's own workspace.
     foreign_path = f"/default/admin/api-keys/{foreign.record.id}"
-    for method, body in [("GET", _NO_BODY), ("PUT", {"isActive": False}), ("DELETE", _NO_BODY)]:
+    for method, body in [("GET", NO_BODY), ("PUT", {"isActive": False}), ("DELETE", NO_BODY)]:
         assert_error(await call(keystile, method, foreign_path, admin_key.key, body), 404)
     delete = {"keyId": foreign.record.id}
     assert_error(
@@ -481,14 +444,14 @@ async def test_cms_workspace_is_the_callers_by_name_or_id(keystile: Keystile) ->
 
 
 COMPAT_ROUTES = [
-    ("GET", "/api/auth/api-key/list", _NO_BODY),
+    ("GET", "/api/auth/api-key/list", NO_BODY),
     ("POST", "/api/auth/api-key/create", {"name": "n"}),
     ("POST", "/api/auth/api-key/delete", {"keyId": "{id}"}),
-    ("GET", "/default/admin/api-keys", _NO_BODY),
+    ("GET", "/default/admin/api-keys", NO_BODY),
     ("POST", "/default/admin/api-keys", {"name": "n"}),
-    ("GET", "/default/admin/api-keys/{id}", _NO_BODY),
+    ("GET", "/default/admin/api-keys/{id}", NO_BODY),
     ("PUT", "/default/admin/api-keys/{id}", {"isActive": False}),
-    ("DELETE", "/default/admin/api-keys/{id}", _NO_BODY),
+    ("DELETE", "/default/admin/api-keys/{id}", NO_BODY),
 ]
 
 
@@ -550,10 +513,10 @@ async def test_member_sees_and_manages_only_own_keys(keystile: Keystile) -> None
     for victim in (admin_key, other_key):
         path = f"/default/admin/api-keys/{victim.record.id}"
         for method, body in [
-            ("GET", _NO_BODY),
+            ("GET", NO_BODY),
             ("PUT", {"isActive": False}),
             ("PUT", {"name": "mine now"}),
-            ("DELETE", _NO_BODY),
+            ("DELETE", NO_BODY),
         ]:
             reply = await call(keystile, method, path, member_key.key, body)
             assert_error(reply, 404, "not_found")

@@ -7,10 +7,8 @@ tests, given a failing trigger) with asyncpg on the same database the running Ke
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,54 +18,12 @@ import pytest
 from gateway.keyring import IssuedKey
 from gateway.models import User
 from gateway.store import Actor
-from tests.support import Keystile
+from tests.support import ADMIN_PERMISSIONS, NO_BODY, Keystile, Reply, make_admin
+from tests.support import admin_call as call
 
-ADMIN_PERMISSIONS = ["admin", "keys", "mcp", "chat"]
 SERVERS = ["github", "gitlab", "tokened"]
 SCOPE_BEARER = 'Bearer realm="keystile", error="insufficient_scope"'
 INVALID_BEARER = 'Bearer realm="keystile", error="invalid_token"'
-
-_NO_BODY = object()
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: Any
-    text: str
-
-
-async def call(
-    ks: Keystile,
-    method: str,
-    path: str,
-    key: str | None = None,
-    body: Any = _NO_BODY,
-    *,
-    raw: bytes | None = None,
-) -> Reply:
-    """One request to the ADMIN plane; JSON in, JSON (or text) out."""
-    headers: dict[str, str] = {}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data: bytes | None = raw
-    if body is not _NO_BODY:
-        data = json.dumps(body).encode()
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    async with ks.http.request(method, ks.admin + path, headers=headers, data=data) as resp:
-        text = await resp.text()
-        try:
-            decoded: Any = json.loads(text)
-        except ValueError:
-            decoded = text
-        return Reply(resp.status, dict(resp.headers), decoded, text)
-
-
-async def make_admin(ks: Keystile, email: str = "admin@x") -> tuple[User, IssuedKey]:
-    admin = await ks.user(email, role="admin", servers=["*"])
-    return admin, await ks.key(admin, name="admin key", permissions=ADMIN_PERMISSIONS)
 
 
 async def make_member(
@@ -139,13 +95,13 @@ def assert_internal_error(reply: Reply) -> None:
 
 
 USER_ROUTES = [
-    ("GET", "/api/users", _NO_BODY),
+    ("GET", "/api/users", NO_BODY),
     ("POST", "/api/users", {"email": "new@x"}),
-    ("GET", "/api/users/{id}", _NO_BODY),
+    ("GET", "/api/users/{id}", NO_BODY),
     ("PATCH", "/api/users/{id}", {"role": "admin"}),
-    ("DELETE", "/api/users/{id}", _NO_BODY),
+    ("DELETE", "/api/users/{id}", NO_BODY),
     ("PUT", "/api/users/{id}/servers", {"servers": ["*"]}),
-    ("GET", "/api/audit", _NO_BODY),
+    ("GET", "/api/audit", NO_BODY),
 ]
 
 
@@ -311,9 +267,9 @@ async def test_create_user_rejects_malformed_json(keystile: Keystile, raw: bytes
 @pytest.mark.parametrize(
     ("method", "suffix", "body"),
     [
-        ("GET", "", _NO_BODY),
+        ("GET", "", NO_BODY),
         ("PATCH", "", {"display_name": "x"}),
-        ("DELETE", "", _NO_BODY),
+        ("DELETE", "", NO_BODY),
         ("PUT", "/servers", {"servers": ["*"]}),
     ],
 )
@@ -344,9 +300,9 @@ async def test_deleted_user_is_gone(keystile: Keystile) -> None:
     assert status == 401 and headers["WWW-Authenticate"] == INVALID_BEARER
     assert_error(await call(keystile, "GET", "/api/keys", member_key.key), 401)
     for method, suffix, body in [
-        ("GET", "", _NO_BODY),
+        ("GET", "", NO_BODY),
         ("PATCH", "", {"display_name": "x"}),
-        ("DELETE", "", _NO_BODY),
+        ("DELETE", "", NO_BODY),
         ("PUT", "/servers", {"servers": ["*"]}),
     ]:
         again = await call(keystile, method, f"/api/users/{member.id}{suffix}", admin_key.key, body)
@@ -467,7 +423,7 @@ async def test_the_last_active_admin_stays(keystile: Keystile) -> None:
         ("PATCH", {"role": "member"}),
         ("PATCH", {"is_active": False}),
         ("PATCH", {"role": "member", "display_name": "x"}),
-        ("DELETE", _NO_BODY),
+        ("DELETE", NO_BODY),
     ]:
         reply = await call(keystile, method, path, admin_key.key, body)
         assert_error(reply, 409, "last_admin")
@@ -495,7 +451,7 @@ async def test_a_disabled_admin_does_not_count(keystile: Keystile) -> None:
 
 @pytest.mark.parametrize(
     ("method", "body"),
-    [("PATCH", {"role": "member"}), ("PATCH", {"is_active": False}), ("DELETE", _NO_BODY)],
+    [("PATCH", {"role": "member"}), ("PATCH", {"is_active": False}), ("DELETE", NO_BODY)],
 )
 async def test_with_two_admins_one_may_go(keystile: Keystile, method: str, body: Any) -> None:
     admin, admin_key = await make_admin(keystile)
@@ -680,7 +636,7 @@ async def _every_kind_of_change(ks: Keystile, admin_key: str) -> list[tuple[str,
     """Make one change of every audited kind through the API; (action, target id) in order."""
     done: list[tuple[str, str]] = []
 
-    async def ok(method: str, path: str, body: Any = _NO_BODY) -> Any:
+    async def ok(method: str, path: str, body: Any = NO_BODY) -> Any:
         reply = await call(ks, method, path, admin_key, body)
         assert reply.status in (200, 201, 204), (method, path, reply.text)
         return reply.body

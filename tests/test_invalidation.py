@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from urllib.parse import urlsplit
 
 import asyncpg
-import pytest
 
 from gateway.config import Secret
 from tests.support import FaultyProxy, Keystile, Upstream, make_settings, start_keystile
@@ -96,26 +94,16 @@ async def test_terminated_listener_reconnects_and_clears_the_cache(
     assert (await keystile.request("GET", "/api/me", key))[0] == 200
 
 
-@pytest.fixture
-async def listen_proxy(database_url: str) -> AsyncIterator[FaultyProxy]:
-    port = urlsplit(database_url).port
-    assert port is not None
-    proxy = FaultyProxy(port)
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
-
-
 async def test_listener_gap_is_fail_safe_and_readyz_says_so(
-    database_url: str, upstream: Upstream, listen_proxy: FaultyProxy
+    database_url: str, upstream: Upstream, db_proxy: FaultyProxy
 ) -> None:
     settings = make_settings(upstream, database={"connect_timeout": 1.0})
-    listen_url = Secret(listen_proxy.url_for(database_url))
+    listen_url = Secret(db_proxy.url_for(database_url))
     settings = replace(settings, database=replace(settings.database, listen_url=listen_url))
     async with start_keystile(settings, database_url) as ks:
         key_id, key = await cached_key(ks)
         _, survivor = await cached_key(ks, "survivor@example.com")
-        await listen_proxy.cut()
+        await db_proxy.cut()
 
         async def not_ready() -> bool:
             status, _, body = await ks.request("GET", "/readyz")
@@ -128,7 +116,7 @@ async def test_listener_gap_is_fail_safe_and_readyz_says_so(
         assert (await ks.request("GET", "/api/me", survivor))[0] == 200
         assert ks.runtime.metrics.cache_revalidations >= 2
 
-        await listen_proxy.restore()
+        await db_proxy.restore()
 
         async def ready() -> bool:
             return (await ks.request("GET", "/readyz"))[0] == 200

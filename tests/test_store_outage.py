@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
-import pytest
 
 from tests.support import FaultyProxy, Upstream, make_settings, start_keystile
-
-
-@pytest.fixture
-async def db_proxy(database_url: str) -> AsyncIterator[FaultyProxy]:
-    port = urlsplit(database_url).port
-    assert port is not None
-    proxy = FaultyProxy(port)
-    await proxy.start()
-    yield proxy
-    await proxy.cut()
 
 
 async def test_cached_key_works_and_uncached_gets_503_while_store_is_down(
