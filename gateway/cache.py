@@ -84,6 +84,8 @@ class KeyCache:
         if epoch != self.epoch:
             return False
         entry = replace(entry, principal=self._shared(entry.principal))
+        if key_id == entry.principal.key.id:
+            key_id = entry.principal.key.id  # keep one copy of the id string, not two
         existing = self._entries.get(key_id)
         if existing is not None and existing.hash_generation == entry.hash_generation:
             known = {s.fingerprint for s in entry.secrets}
