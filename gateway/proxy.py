@@ -41,6 +41,10 @@ class BodyTooLarge(Exception):
     pass
 
 
+def upstream_timeout() -> ApiError:
+    return ApiError(504, "upstream_timeout", "The upstream did not answer in time.")
+
+
 def body_timeout() -> ApiError:
     return ApiError(408, "request_timeout", "The request body stalled; the upload was dropped.")
 
@@ -134,9 +138,7 @@ class Forwarder:
             if isinstance(data, LimitedBody) and data.stalled:
                 raise body_timeout() from None
             self._metrics.upstream_errors += 1
-            raise ApiError(
-                504, "upstream_timeout", "The upstream did not answer in time."
-            ) from None
+            raise upstream_timeout() from None
         except aiohttp.ClientError as exc:
             if isinstance(data, LimitedBody) and data.exceeded:
                 raise too_large(limit) from None
@@ -157,7 +159,12 @@ class Forwarder:
         """A short answer of announced length is already (or nearly) in the read buffer:
         send it in one write with its headers, instead of headers, chunk and end apart."""
         try:
-            body = await upstream.read()
+            # Bounded: an upstream that announces a body and then stalls must not hold us.
+            async with asyncio.timeout(self._settings.response_timeout):
+                body = await upstream.read()
+        except TimeoutError:
+            self._metrics.upstream_errors += 1
+            raise upstream_timeout() from None
         except aiohttp.ClientError as exc:
             self._metrics.upstream_errors += 1
             log.warning(

@@ -6,10 +6,13 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from gateway.config import UpstreamSettings
 from gateway.keyring import IssuedKey
 from tests.support import Keystile, Upstream, make_settings, start_keystile
 
@@ -315,3 +318,32 @@ async def test_a_stream_silent_past_stream_idle_timeout_is_cut(
                         received += chunk
         assert received.startswith(b"id: 0")  # the first event came through, then silence
         assert ks.runtime.metrics.upstream_errors == 1
+
+
+async def test_upstream_that_stalls_its_announced_body_is_504(database_url: str) -> None:
+    async def stall(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 100
+        await response.prepare(request)
+        await response.write(b'{"partial":')
+        await asyncio.sleep(5)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stall)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    settings = replace(
+        make_settings(gateway={"response_timeout": 0.5}),
+        mcp_servers={"stall": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")},
+    )
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            issued = await a_key(ks)
+            status, _, body = await ks.request("POST", "/mcp-connect/stall/", issued.key, json={})
+        assert status == 504 and body["error"] == "upstream_timeout"
+    finally:
+        await runner.cleanup()
