@@ -353,3 +353,19 @@ async def make_admin(ks: Keystile, email: str = "admin@x") -> tuple[User, Issued
     """An admin user with a key holding every permission."""
     admin = await ks.user(email, role="admin", servers=["*"])
     return admin, await ks.key(admin, name="admin key", permissions=ADMIN_PERMISSIONS)
+
+
+def assert_error(reply: Reply, status: int, code: str | None = None) -> None:
+    """The contract's JSON error shape, with this status (and code, if given)."""
+    assert reply.status == status, reply.text
+    assert reply.headers["Content-Type"].startswith("application/json")
+    assert isinstance(reply.body, dict)
+    assert set(reply.body) >= {"error", "message"}
+    if code is not None:
+        assert reply.body["error"] == code
+
+
+def assert_422(reply: Reply, field: str) -> None:
+    assert_error(reply, 422)
+    assert reply.body.get("field") == field, reply.body
+    assert field in reply.body["message"]

@@ -18,7 +18,15 @@ import pytest
 from gateway.keyring import IssuedKey
 from gateway.models import User
 from gateway.store import Actor
-from tests.support import ADMIN_PERMISSIONS, NO_BODY, Keystile, Reply, make_admin
+from tests.support import (
+    ADMIN_PERMISSIONS,
+    NO_BODY,
+    Keystile,
+    Reply,
+    assert_422,
+    assert_error,
+    make_admin,
+)
 from tests.support import admin_call as call
 
 SERVERS = ["github", "gitlab", "tokened"]
@@ -31,21 +39,6 @@ async def make_member(
 ) -> tuple[User, IssuedKey]:
     member = await ks.user(email, servers=servers if servers is not None else [])
     return member, await ks.key(member, name="member key", permissions=["keys", "mcp"])
-
-
-def assert_error(reply: Reply, status: int, code: str | None = None) -> None:
-    assert reply.status == status, reply.text
-    assert reply.headers["Content-Type"].startswith("application/json")
-    assert isinstance(reply.body, dict)
-    assert set(reply.body) >= {"error", "message"}
-    if code is not None:
-        assert reply.body["error"] == code
-
-
-def assert_422(reply: Reply, field: str) -> None:
-    assert_error(reply, 422)
-    assert reply.body.get("field") == field, reply.body
-    assert field in reply.body["message"]
 
 
 async def reach(ks: Keystile, key: str, server: str) -> int:
