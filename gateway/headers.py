@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 HOP_BY_HOP = frozenset(
     {
@@ -25,9 +25,11 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Never forwarded upstream: credentials, the client's Host, and headers the gateway owns.
+# Never forwarded upstream: credentials, the client's Host and framing (the upstream client
+# frames the body itself), and headers the gateway owns.
 _REQUEST_DROP = HOP_BY_HOP | {
     "host",
+    "content-length",
     "authorization",
     "x-api-key",
     "x-keystile-user-id",
@@ -125,7 +127,7 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:
     """Upstream response headers to send to the client: all but hop-by-hop ones."""
     listed = _connection_listed(upstream)
     out: CIMultiDict[str] = CIMultiDict()

@@ -14,10 +14,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
-import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError
@@ -28,6 +26,7 @@ from gateway.headers import (
 )
 from gateway.metrics import Metrics
 from gateway.sse import EndpointRewriter
+from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("keystile.proxy")
 
@@ -58,22 +57,12 @@ class Forwarder:
         self._settings = settings
         self._metrics = metrics
         self.trusted = TrustedProxies(settings.trusted_proxies)
-        self.session: aiohttp.ClientSession | None = None
-        self._streams: set[aiohttp.ClientResponse] = set()
+        self.client: UpstreamClient | None = None
+        self._streams: set[UpstreamResponse] = set()
         self._ending = False
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=self._settings.connect_timeout, sock_read=None
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            auto_decompress=False,  # pass encoded bodies through untouched
-            skip_auto_headers=("Accept-Encoding", "User-Agent"),  # send only what the client did
-            cookie_jar=aiohttp.DummyCookieJar(),  # never mix one client's cookies into another's
-        )
+        self.client = UpstreamClient(connect_timeout=self._settings.connect_timeout)
 
     def end_streams(self) -> None:
         """Shutdown deadline: end every response still streaming, cleanly for the client."""
@@ -82,9 +71,9 @@ class Forwarder:
             upstream.close()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
 
     async def forward(
         self,
@@ -98,7 +87,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Forward `request` to `url`. `rewrite_endpoint` = (upstream url, gateway prefix)
         turns a legacy SSE `endpoint` event into a path through the gateway."""
-        assert self.session is not None
+        assert self.client is not None
         limit = self._settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -123,13 +112,8 @@ class Forwarder:
                         data.on_complete = lambda: dog.expect_by(self._response_deadline())
                     else:
                         dog.expect_by(self._response_deadline())
-                    upstream = await self.session.request(
-                        request.method,
-                        URL(url, encoded=True),  # the path was judged raw: send it as is
-                        headers=headers,
-                        data=data,
-                        allow_redirects=False,
-                    )
+                    # The path was judged raw: it goes out exactly as it came in.
+                    upstream = await self.client.request(request.method, url, headers, data)
                 finally:
                     dog.stop()
         except TimeoutError:
@@ -139,13 +123,11 @@ class Forwarder:
                 raise body_timeout() from None
             self._metrics.upstream_errors += 1
             raise upstream_timeout() from None
-        except aiohttp.ClientError as exc:
-            if isinstance(data, LimitedBody) and data.exceeded:
-                raise too_large(limit) from None
-            if isinstance(data, LimitedBody) and data.stalled:
-                raise body_timeout() from None
+        except BodyTooLarge:
+            raise too_large(limit) from None
+        except UpstreamError as exc:
             self._metrics.upstream_errors += 1
-            log.warning("upstream %s failed: %s", _origin(url), type(exc).__name__)
+            log.warning("upstream %s failed: %s", _origin(url), exc)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
         async with upstream:
             rewriter = None
@@ -154,26 +136,27 @@ class Forwarder:
             return await self._stream_back(request, upstream, rewriter, response_headers)
 
     async def _small_answer(
-        self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+        self, upstream: UpstreamResponse, headers: CIMultiDict[str]
     ) -> web.Response:
         """A short answer of announced length is already (or nearly) in the read buffer:
         send it in one write with its headers, instead of headers, chunk and end apart."""
         try:
-            # Bounded: an upstream that announces a body and then stalls must not hold us.
-            async with asyncio.timeout(self._settings.response_timeout):
-                body = await upstream.read()
+            if upstream.complete:
+                body = await upstream.read()  # all there already: no timer needed
+            else:
+                # Bounded: an upstream that announces a body and then stalls must not hold us.
+                async with asyncio.timeout(self._settings.response_timeout):
+                    body = await upstream.read()
         except TimeoutError:
             self._metrics.upstream_errors += 1
             raise upstream_timeout() from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             self._metrics.upstream_errors += 1
-            log.warning(
-                "upstream %s failed mid-answer: %s", _origin(str(upstream.url)), type(exc).__name__
-            )
+            log.warning("upstream failed mid-answer: %s", exc)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
         headers.popall("Content-Length", None)  # set from the body by Response
         return web.Response(
-            status=upstream.status, reason=upstream.reason, body=body, headers=headers
+            status=upstream.status, reason=upstream.reason or None, body=body, headers=headers
         )
 
     def _response_deadline(self) -> float:
@@ -197,7 +180,7 @@ class Forwarder:
     async def _stream_back(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         rewriter: EndpointRewriter | None,
         extra: Mapping[str, str] | None,
     ) -> web.StreamResponse:
@@ -216,7 +199,7 @@ class Forwarder:
         if rewriter is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
+            status=upstream.status, reason=upstream.reason or None, headers=headers
         )
         self._streams.add(upstream)
         dog: Watchdog | None = None
@@ -237,15 +220,14 @@ class Forwarder:
             _abort(request)
             return response
         except ConnectionResetError:
-            # The client went away (checked before ClientError: aiohttp's reset is both).
-            return response
-        except aiohttp.ClientError as exc:
+            return response  # the client went away
+        except UpstreamError as exc:
             if self._ending:  # we closed it: a deliberate, clean end of the stream
                 await _end_quietly(response)
                 return response
             # Headers are out: the only honest signal left is cutting the connection.
             self._metrics.upstream_errors += 1
-            log.warning("upstream stream broke: %s", type(exc).__name__)
+            log.warning("upstream stream broke: %s", exc)
             _abort(request)
             return response
         finally:
@@ -255,17 +237,14 @@ class Forwarder:
 
 
 class LimitedBody:
-    """A streamed request body that stops the upload once it passes `limit` bytes.
+    """A streamed request body that stops the upload once it passes `limit` bytes (raising
+    BodyTooLarge) or once no chunk arrived for `stall` seconds (TimeoutError, `stalled` set
+    so the caller can tell it from the upstream's deadline)."""
 
-    aiohttp wraps errors raised while sending into ClientConnectionError, so the reason is
-    kept on the object for the caller to turn into 413.
-    """
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int, stall: float) -> None:
+    def __init__(self, content: StreamReader, limit: int, stall: float) -> None:
         self._content = content
         self._limit = limit
         self._stall = stall
-        self.exceeded = False
         self.stalled = False
         self.on_complete: Callable[[], None] | None = None
 
@@ -283,20 +262,19 @@ class LimitedBody:
                 return
             total += len(chunk)
             if total > self._limit:
-                self.exceeded = True
                 raise BodyTooLarge
             yield chunk
 
 
 async def _pump(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     response: web.StreamResponse,
     rewriter: EndpointRewriter | None,
     dog: Watchdog,
 ) -> None:
     """Copy the upstream body to the client as it arrives (SSE events included)."""
     watch_idle = dog.watches_idle
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_chunks():
         if watch_idle:
             dog.active()
         if rewriter is not None:
@@ -365,7 +343,7 @@ def _client_gone() -> web.Response:
     return web.Response(status=499)
 
 
-def _is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+def _is_event_stream(upstream: UpstreamResponse) -> bool:
     return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
 
 

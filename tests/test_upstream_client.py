@@ -1,0 +1,277 @@
+"""The upstream client against raw HTTP servers on 127.0.0.1 that answer byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.upstream import UpstreamClient, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class RawServer:
+    def __init__(self) -> None:
+        self.port = 0
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+
+@asynccontextmanager
+async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
+    """A server whose `handler(reader, writer, connection_number)` speaks HTTP by hand."""
+    state = RawServer()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        writers.append(writer)
+        try:
+            await handler(reader, writer, state.connections)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request with a Content-Length body (or none): (head, body)."""
+    head = await read_head(reader)
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return head, await reader.readexactly(length)
+
+
+def serving(answer: bytes, server: list[RawServer]) -> Handler:
+    """Answer every request on every connection with `answer`, recording the requests."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            head, body = await read_request(reader)
+            server[0].requests.append(head + body)
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    upstream_client = UpstreamClient(connect_timeout=2)
+    yield upstream_client
+    await upstream_client.close()
+
+
+def url(server: RawServer, path: str = "/mcp") -> str:
+    return f"http://127.0.0.1:{server.port}{path}"
+
+
+async def test_requests_share_one_kept_alive_connection(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    async with raw_server(serving(OK, holder)) as server:
+        holder.append(server)
+        for n in range(3):
+            headers = CIMultiDict([("X-N", str(n)), ("Mcp-Session-Id", "s")])
+            async with await client.request("POST", url(server), headers, b'{"n":1}') as answer:
+                assert answer.status == 200
+                assert await answer.read() == b"ok"
+        assert server.connections == 1
+        first = server.requests[0]
+        assert first.startswith(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port)
+        assert b"X-N: 0\r\nMcp-Session-Id: s\r\nContent-Length: 7\r\n\r\n" in first
+        assert first.endswith(b'{"n":1}')
+
+
+async def test_chunked_answer_arrives_decoded_as_it_is_sent(client: UpstreamClient) -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async with raw_server(handler) as server:
+        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            chunks = answer.iter_chunks()
+            assert await anext(chunks) == b"first"  # before the rest is even sent
+            release.set()
+            assert b"".join([c async for c in chunks]) == b"second"
+        async with await client.request("GET", url(server), CIMultiDict(), None) as again:
+            assert await again.read() == b"firstsecond"
+        assert server.connections == 1
+
+
+async def test_body_delimited_by_close_is_read_whole(client: UpstreamClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    async with raw_server(handler) as server:
+        for _ in range(2):
+            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+                assert await answer.read() == b"all of it"
+        assert server.connections == 2  # never reused
+
+
+async def test_informational_answers_are_skipped(client: UpstreamClient) -> None:
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    holder: list[RawServer] = []
+    async with raw_server(serving(early + OK, holder)) as server:
+        holder.append(server)
+        async with await client.request("POST", url(server), CIMultiDict(), b"x") as answer:
+            assert answer.status == 200
+            assert "Link" not in answer.headers
+            assert await answer.read() == b"ok"
+
+
+async def test_head_answer_has_no_body_whatever_it_announces(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    answer_bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+    async with raw_server(serving(answer_bytes, holder)) as server:
+        holder.append(server)
+        async with await client.request("HEAD", url(server), CIMultiDict(), None) as answer:
+            assert answer.content_length == 10
+            assert answer.complete
+            assert await answer.read() == b""
+
+
+async def test_stale_connection_is_retried_only_when_safe(client: UpstreamClient) -> None:
+    async def first_only(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int
+    ) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await read_request(reader)  # the second request on a connection: hang up unanswered
+
+    async with raw_server(first_only) as server:
+        for _ in range(2):
+            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+                assert await answer.read() == b"ok"
+        assert server.connections == 2  # the GET went again on a fresh connection
+        with pytest.raises(UpstreamError):
+            await client.request("POST", url(server), CIMultiDict(), b"{}")
+        assert server.connections == 2  # a POST is never sent twice
+
+
+async def test_malformed_answer_is_an_upstream_error(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    async with raw_server(serving(b"HTTP/1.1 abc nonsense\r\n\r\n", holder)) as server:
+        holder.append(server)
+        with pytest.raises(UpstreamError, match="malformed"):
+            await client.request("GET", url(server), CIMultiDict(), None)
+
+
+async def test_unreachable_upstream_is_an_upstream_error(client: UpstreamClient) -> None:
+    async with raw_server(serving(OK, [])) as server:
+        port = server.port
+    with pytest.raises(UpstreamError, match="cannot connect"):
+        await client.request("GET", f"http://127.0.0.1:{port}/", CIMultiDict(), None)
+
+
+async def test_streamed_upload_goes_out_chunked(client: UpstreamClient) -> None:
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        head = await read_head(reader)
+        assert b"Transfer-Encoding: chunked" in head
+        while (size := int((await reader.readline()).strip(), 16)) > 0:
+            received.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readexactly(2)
+        writer.write(OK)
+        await writer.drain()
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in (b"one", b"two", b"three"):
+            await asyncio.sleep(0.01)
+            yield part
+
+    async with (
+        raw_server(handler) as server,
+        await client.request("POST", url(server), CIMultiDict(), body()) as answer,
+    ):
+        assert await answer.read() == b"ok"
+    assert received == [b"one", b"two", b"three"]
+
+
+async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamClient) -> None:
+    total = 64 * 1024 * 1024
+    finished = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * (1024 * 1024)
+        for _ in range(total // len(block)):
+            writer.write(block)
+            await writer.drain()
+        finished.set()
+
+    async with raw_server(handler) as server:
+        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            await asyncio.sleep(0.5)
+            # Nobody reads: the client stopped reading, the sockets filled, the server waits.
+            assert not finished.is_set()
+            size = 0
+            async for chunk in answer.iter_chunks():
+                size += len(chunk)
+            assert size == total
+        assert finished.is_set()
+
+
+async def test_abort_all_ends_answers_in_flight(client: UpstreamClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async with (
+        raw_server(handler) as server,
+        await client.request("GET", url(server), CIMultiDict(), None) as answer,
+    ):
+        chunks = answer.iter_chunks()
+        assert await anext(chunks) == b"abc"
+        client.abort_all()
+        with pytest.raises(UpstreamError):
+            await anext(chunks)
+
+
+async def test_header_bytes_pass_both_ways_unchanged(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    answer_bytes = b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9 \xe2\x9c\x93\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(serving(answer_bytes, holder)) as server:
+        holder.append(server)
+        sent = "caf\udce9 \u2713"  # how aiohttp's server decodes those same bytes
+        headers = CIMultiDict([("X-Name", sent)])
+        async with await client.request("GET", url(server), headers, None) as answer:
+            assert answer.headers["X-Name"] == sent
+        assert b"X-Name: caf\xe9 \xe2\x9c\x93\r\n" in server.requests[0]
