@@ -60,6 +60,17 @@ SCALE_DB = f"keystile_bench_scale_{os.getpid()}"
 SERVER = "bench"  # the MCP server name configured in Keystile
 PROXY_PATH = f"/mcp-connect/{SERVER}"
 KIB = 1024
+PHASES = (
+    "throughput",
+    "workers",
+    "profile",
+    "streaming",
+    "cold_path",
+    "herd",
+    "revocation",
+    "store_scale",
+    "attack",
+)
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Config:
     stats_settle: float
     keep: bool
     uvloop: bool
+    only: frozenset[str] = frozenset()  # phases to run; empty: all
     load_cpus: set[int] = field(default_factory=set)
     server_cpus: set[int] = field(default_factory=set)
 
@@ -103,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--revocations", type=int, help="revocations timed (100; 5)")
     parser.add_argument("--profile-seconds", type=int, help="py-spy seconds, 0 = off (10; 0)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
+    parser.add_argument(
+        "--only", help=f"comma-separated phases to run (all: {','.join(PHASES)})", default=""
+    )
     parser.add_argument(
         "--uvloop",
         action="store_true",
@@ -132,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         stats_settle=1.0 if q else 11.0,
         keep=a.keep,
         uvloop=a.uvloop,
+        only=frozenset(filter(None, a.only.split(","))),
     )
+    if unknown := cfg.only - set(PHASES):
+        parser.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         cfg.load_cpus, cfg.server_cpus = {cpus[0]}, {cpus[1]}
@@ -1265,6 +1283,8 @@ class Bench:
             ("attack", self.attack),  # last: it leaves this client throttled for a window
         ]
         for name, phase in phases:
+            if self.cfg.only and name not in self.cfg.only:
+                continue
             print(f"== {name}", flush=True)
             try:
                 await phase()

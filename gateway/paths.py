@@ -7,6 +7,7 @@ The invariant: a path never reaches a server other than the one named, never esc
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -112,8 +113,21 @@ def _split_target(raw_target: str) -> tuple[str, str]:
     return path, query
 
 
+# Judging a path costs microseconds and the same few targets come again and again, so
+# decisions for short targets are remembered (refusals are not: they raise). Bounded in
+# count and in key length, so unique hostile paths only churn it.
+_REMEMBERED_TARGETS = 4096
+_REMEMBERED_LENGTH = 512
+
+
 def route(raw_target: str) -> Route:
     """Validate and normalise raw_target (path and query) and decide where it goes."""
+    if len(raw_target) <= _REMEMBERED_LENGTH:
+        return _remembered_route(raw_target)
+    return _route(raw_target)
+
+
+def _route(raw_target: str) -> Route:
     path, query = _split_target(raw_target)
     segments = [s for s in path.split("/") if s]
     if PLAIN_PATH.fullmatch(path) is None or len(path) > MAX_PATH_LENGTH:
@@ -136,3 +150,6 @@ def route(raw_target: str) -> Route:
     if kind is not None and not trailing:
         return Route(kind, query=query)
     return Route("unknown", query=query)
+
+
+_remembered_route = functools.lru_cache(maxsize=_REMEMBERED_TARGETS)(_route)

@@ -18,6 +18,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
+from typing import cast
 
 import httptools
 from multidict import CIMultiDict
@@ -157,8 +158,10 @@ class UpstreamClient:
         if self._closed or not conn.reusable:
             conn.close()
             return
-        idle = self._idle.setdefault(conn.origin_key, deque())
-        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+        idle = self._idle.get(conn.origin_key)
+        if idle is None:
+            idle = self._idle[conn.origin_key] = deque()
+        elif len(idle) >= MAX_IDLE_PER_ORIGIN:
             idle.popleft().close()
         conn.idle_since = asyncio.get_running_loop().time()
         idle.append(conn)
@@ -385,8 +388,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._head is None or self.complete:
