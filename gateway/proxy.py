@@ -27,6 +27,7 @@ from gateway.headers import (
 from gateway.metrics import Metrics
 from gateway.sse import EndpointRewriter
 from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.watchdog import Watch, Watchdog
 
 log = logging.getLogger("keystile.proxy")
 
@@ -37,6 +38,10 @@ _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyStalled(Exception):
     pass
 
 
@@ -58,6 +63,7 @@ class Forwarder:
         self._metrics = metrics
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.client: UpstreamClient | None = None
+        self._watchdog = Watchdog(_tick_for(settings))
         self._streams: set[UpstreamResponse] = set()
         self._ending = False
 
@@ -71,6 +77,7 @@ class Forwarder:
             upstream.close()
 
     async def close(self) -> None:
+        self._watchdog.close()
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -102,65 +109,77 @@ class Forwarder:
             extra=extra_headers,
         )
         data = await self._request_body(request, length, limit)
+        watch = self._watchdog.watch(request)
         try:
-            # The response timeout counts from when the body is sent: a long, steady upload
-            # is not the upstream being slow (a stalled one is body_timeout's business).
-            async with asyncio.timeout(None) as timeout:
-                dog = Watchdog(request, timeout)
-                try:
-                    if isinstance(data, LimitedBody):
-                        data.on_complete = lambda: dog.expect_by(self._response_deadline())
-                    else:
-                        dog.expect_by(self._response_deadline())
-                    # The path was judged raw: it goes out exactly as it came in.
-                    upstream = await self.client.request(request.method, url, headers, data)
-                finally:
-                    dog.stop()
-        except TimeoutError:
-            if dog.reason == "client":
-                return _client_gone()
-            if isinstance(data, LimitedBody) and data.stalled:
-                raise body_timeout() from None
-            self._metrics.upstream_errors += 1
-            raise upstream_timeout() from None
+            upstream = await self._send(request, url, headers, data, watch)
+            if isinstance(upstream, web.StreamResponse):
+                return upstream
+            async with upstream:
+                rewriter = None
+                if rewrite_endpoint is not None and _is_event_stream(upstream):
+                    rewriter = EndpointRewriter(*rewrite_endpoint)
+                return await self._stream_back(request, upstream, rewriter, response_headers, watch)
+        finally:
+            self._watchdog.release(watch)
+
+    async def _send(
+        self,
+        request: web.Request,
+        url: str,
+        headers: CIMultiDict[str],
+        data: bytes | LimitedBody | None,
+        watch: Watch,
+    ) -> UpstreamResponse | web.StreamResponse:
+        """The upstream's answer head, or the response to give instead."""
+        assert self.client is not None
+        # The response deadline counts from when the body is sent: a long, steady upload is
+        # not the upstream being slow (a stalled one is body_timeout's business).
+        if isinstance(data, LimitedBody):
+            data.on_complete = lambda: self._start_deadline(watch)
+        else:
+            self._start_deadline(watch)
+        try:
+            # The path was judged raw: it goes out exactly as it came in.
+            return await self.client.request(
+                request.method, url, headers, data, on_connection=watch.attach
+            )
+        except BodyStalled:
+            raise body_timeout() from None
         except BodyTooLarge:
-            raise too_large(limit) from None
+            raise too_large(self._settings.max_body_bytes) from None
         except UpstreamError as exc:
+            if watch.reason == "client":
+                return _client_gone()
             self._metrics.upstream_errors += 1
+            if watch.reason == "deadline":
+                raise upstream_timeout() from None
             log.warning("upstream %s failed: %s", _origin(url), exc)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
-        async with upstream:
-            rewriter = None
-            if rewrite_endpoint is not None and _is_event_stream(upstream):
-                rewriter = EndpointRewriter(*rewrite_endpoint)
-            return await self._stream_back(request, upstream, rewriter, response_headers)
+
+    def _start_deadline(self, watch: Watch) -> None:
+        watch.deadline = self._watchdog.now() + self._settings.response_timeout
 
     async def _small_answer(
-        self, upstream: UpstreamResponse, headers: CIMultiDict[str]
-    ) -> web.Response:
+        self, upstream: UpstreamResponse, headers: CIMultiDict[str], watch: Watch
+    ) -> web.StreamResponse:
         """A short answer of announced length is already (or nearly) in the read buffer:
-        send it in one write with its headers, instead of headers, chunk and end apart."""
+        send it in one write with its headers, instead of headers, chunk and end apart.
+        The response deadline still runs: an upstream that announces a body and then stalls
+        must not hold us."""
         try:
-            if upstream.complete:
-                body = await upstream.read()  # all there already: no timer needed
-            else:
-                # Bounded: an upstream that announces a body and then stalls must not hold us.
-                async with asyncio.timeout(self._settings.response_timeout):
-                    body = await upstream.read()
-        except TimeoutError:
-            self._metrics.upstream_errors += 1
-            raise upstream_timeout() from None
+            body = await upstream.read()
         except UpstreamError as exc:
+            if watch.reason == "client":
+                return _client_gone()
             self._metrics.upstream_errors += 1
+            if watch.reason == "deadline":
+                raise upstream_timeout() from None
             log.warning("upstream failed mid-answer: %s", exc)
             raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
         headers.popall("Content-Length", None)  # set from the body by Response
         return web.Response(
             status=upstream.status, reason=upstream.reason or None, body=body, headers=headers
         )
-
-    def _response_deadline(self) -> float:
-        return asyncio.get_running_loop().time() + self._settings.response_timeout
 
     async def _request_body(
         self, request: web.Request, length: int | None, limit: int
@@ -183,6 +202,7 @@ class Forwarder:
         upstream: UpstreamResponse,
         rewriter: EndpointRewriter | None,
         extra: Mapping[str, str] | None,
+        watch: Watch,
     ) -> web.StreamResponse:
         headers = downstream_response_headers(upstream.headers)
         if extra:
@@ -195,39 +215,34 @@ class Forwarder:
             and request.method != "HEAD"
             and upstream.status not in (204, 304)
         ):
-            return await self._small_answer(upstream, headers)
+            return await self._small_answer(upstream, headers, watch)
         if rewriter is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason or None, headers=headers
         )
+        # Streaming: no deadline any more, only the optional idle limit.
+        watch.deadline = None
+        watch.idle = self._settings.stream_idle_timeout
+        watch.last_active = self._watchdog.now()
         self._streams.add(upstream)
-        dog: Watchdog | None = None
         try:
             await response.prepare(request)
-            async with asyncio.timeout(None) as timeout:
-                dog = Watchdog(request, timeout, idle=self._settings.stream_idle_timeout)
-                try:
-                    await _pump(upstream, response, rewriter, dog)
-                finally:
-                    dog.stop()
-        except TimeoutError:
-            # Only the watchdog times out here: the client left, or the upstream fell silent.
-            if dog is not None and dog.reason == "client":
-                return response  # leaving `async with` in forward() releases the upstream
-            self._metrics.upstream_errors += 1
-            log.warning("upstream stream idle past stream_idle_timeout")
-            _abort(request)
-            return response
+            await _pump(upstream, response, rewriter, watch, self._watchdog)
         except ConnectionResetError:
             return response  # the client went away
         except UpstreamError as exc:
+            if watch.reason == "client":
+                return response  # leaving `async with` in forward() releases the upstream
             if self._ending:  # we closed it: a deliberate, clean end of the stream
                 await _end_quietly(response)
                 return response
             # Headers are out: the only honest signal left is cutting the connection.
             self._metrics.upstream_errors += 1
-            log.warning("upstream stream broke: %s", exc)
+            if watch.reason == "idle":
+                log.warning("upstream stream idle past stream_idle_timeout")
+            else:
+                log.warning("upstream stream broke: %s", exc)
             _abort(request)
             return response
         finally:
@@ -237,15 +252,13 @@ class Forwarder:
 
 
 class LimitedBody:
-    """A streamed request body that stops the upload once it passes `limit` bytes (raising
-    BodyTooLarge) or once no chunk arrived for `stall` seconds (TimeoutError, `stalled` set
-    so the caller can tell it from the upstream's deadline)."""
+    """A streamed request body that stops the upload once it passes `limit` bytes
+    (BodyTooLarge) or once no chunk arrived for `stall` seconds (BodyStalled)."""
 
     def __init__(self, content: StreamReader, limit: int, stall: float) -> None:
         self._content = content
         self._limit = limit
         self._stall = stall
-        self.stalled = False
         self.on_complete: Callable[[], None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -254,8 +267,7 @@ class LimitedBody:
             try:
                 chunk = await asyncio.wait_for(self._content.readany(), self._stall)
             except TimeoutError:
-                self.stalled = True
-                raise
+                raise BodyStalled from None
             if not chunk:
                 if self.on_complete is not None:
                     self.on_complete()
@@ -270,13 +282,14 @@ async def _pump(
     upstream: UpstreamResponse,
     response: web.StreamResponse,
     rewriter: EndpointRewriter | None,
-    dog: Watchdog,
+    watch: Watch,
+    watchdog: Watchdog,
 ) -> None:
     """Copy the upstream body to the client as it arrives (SSE events included)."""
-    watch_idle = dog.watches_idle
+    watch_idle = watch.idle > 0
     async for chunk in upstream.iter_chunks():
         if watch_idle:
-            dog.active()
+            watch.last_active = watchdog.now()
         if rewriter is not None:
             chunk = rewriter.feed(chunk)
         if chunk:
@@ -285,57 +298,13 @@ async def _pump(
         await response.write(rest)
 
 
-class Watchdog:
-    """One timer per request, ticking every second, that ends the awaited step (through the
-    enclosing asyncio.timeout) when the client has gone, a deadline has passed, or a stream
-    has been idle too long. The upstream request then ends too, and nobody pays a task per
-    request for disconnect detection (aiohttp's handler_cancellation)."""
-
-    TICK = 1.0
-
-    def __init__(self, request: web.Request, timeout: asyncio.Timeout, idle: float = 0) -> None:
-        self._request = request
-        self._timeout = timeout
-        self._loop = asyncio.get_running_loop()
-        self._idle = idle
-        self._deadline: float | None = None
-        self._last = self._loop.time()
-        self.reason: str | None = None  # "client", "deadline" or "idle" once fired
-        self._handle = self._loop.call_at(self._last + self.TICK, self._tick)
-
-    def expect_by(self, deadline: float) -> None:
-        self._deadline = deadline
-        if deadline < self._handle.when():
-            self._handle.cancel()
-            self._handle = self._loop.call_at(deadline, self._tick)
-
-    @property
-    def watches_idle(self) -> bool:
-        return self._idle > 0
-
-    def active(self) -> None:
-        self._last = self._loop.time()
-
-    def stop(self) -> None:
-        self._handle.cancel()
-
-    def _tick(self) -> None:
-        now = self._loop.time()
-        transport = self._request.transport
-        if transport is None or transport.is_closing():
-            return self._fire("client", now)
-        if self._deadline is not None and now >= self._deadline:
-            return self._fire("deadline", now)
-        if self._idle > 0 and now - self._last >= self._idle:
-            return self._fire("idle", now)
-        following = now + self.TICK
-        if self._deadline is not None:
-            following = min(following, self._deadline)
-        self._handle = self._loop.call_at(following, self._tick)
-
-    def _fire(self, reason: str, now: float) -> None:
-        self.reason = reason
-        self._timeout.reschedule(now)  # the timeout cancels the awaited step: TimeoutError
+def _tick_for(settings: GatewaySettings) -> float:
+    """How often the watchdog looks: a deadline may fire this late, a quarter of the
+    shortest limit at most, and never more often than 100 times a second."""
+    limits = [settings.response_timeout]
+    if settings.stream_idle_timeout > 0:
+        limits.append(settings.stream_idle_timeout)
+    return max(0.01, min(1.0, *(limit / 4 for limit in limits)))
 
 
 def _client_gone() -> web.Response:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
 from typing import cast
 
@@ -96,19 +96,25 @@ class UpstreamClient:
         url: str,
         headers: CIMultiDict[str],
         body: Body,
+        on_connection: Callable[[_Connection], None] | None = None,
     ) -> UpstreamResponse:
         """Send a request and return once the answer's head has arrived. `headers` must not
-        carry Host, Content-Length or Transfer-Encoding: the client writes those."""
+        carry Host, Content-Length or Transfer-Encoding: the client writes those.
+        `on_connection` learns the connection used (its `close()` ends the exchange)."""
         origin, target = self.origin(url)
         head = _request_head(method, target, origin.host_header, headers, body)
         conn = self._take_idle(origin)
         if conn is not None:
+            if on_connection is not None:
+                on_connection(conn)
             try:
                 return await self._send(conn, method, head, body)
             except _Stale:
                 if method not in _IDEMPOTENT or not isinstance(body, bytes | None):
                     raise UpstreamError("the upstream closed a kept-alive connection") from None
         conn = await self._connect(origin)
+        if on_connection is not None:
+            on_connection(conn)
         return await self._send(conn, method, head, body)
 
     async def _send(

@@ -347,3 +347,40 @@ async def test_upstream_that_stalls_its_announced_body_is_504(database_url: str)
         assert status == 504 and body["error"] == "upstream_timeout"
     finally:
         await runner.cleanup()
+
+
+async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
+    database_url: str,
+) -> None:
+    """Nobody waits for an answer no one will read: the upstream connection is closed."""
+    upstream_closed = asyncio.Event()
+
+    async def thinking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if await reader.read() == b"":  # no answer is ever sent; wait for the gateway's EOF
+            upstream_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(thinking, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = replace(
+        make_settings(),
+        mcp_servers={"slow": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")},
+    )
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            issued = await a_key(ks)
+            _, writer = await asyncio.open_connection("127.0.0.1", ks.gateway_port)
+            writer.write(
+                b"GET /mcp-connect/slow/ HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + issued.key.encode() + b"\r\n\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.3)  # the request is upstream by now
+            writer.close()
+            async with asyncio.timeout(10):
+                await upstream_closed.wait()
+            assert ks.runtime.metrics.upstream_errors == 0  # the client left: not a failure
+    finally:
+        server.close()
+        await server.wait_closed()
