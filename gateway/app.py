@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -21,6 +22,10 @@ from gateway.runtime import Runtime
 log = logging.getLogger("keystile")
 
 RUNTIME = web.AppKey("runtime", Runtime)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BaseHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The one handler of an application that routes by itself (see DirectRunner).
+DIRECT_HANDLER: web.AppKey[Handler] = web.AppKey("direct_handler")
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -101,7 +106,21 @@ def create_gateway_app(runtime: Runtime) -> web.Application:
     app.cleanup_ctx.append(access_log_flusher)
     app.on_shutdown.append(end_streams_at_deadline)
     app.router.add_route("*", "/{tail:.*}", plane.handle)
+    app[DIRECT_HANDLER] = plane.handle
     return app
+
+
+class DirectRunner(web.AppRunner):
+    """Hands every request straight to the application's DIRECT_HANDLER, past aiohttp's
+    router (a regex match and match-info objects per request): the data plane judges raw
+    paths itself, and its one route would match everything anyway."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # The application's request factory still makes the requests: web.Request objects.
+        handler = cast(BaseHandler, self.app[DIRECT_HANDLER])
+        server.request_handler = handler
+        return server
 
 
 AppFactory = Callable[[Runtime], web.Application]
@@ -123,7 +142,8 @@ async def start_site(
     reuse_port: bool = False,
 ) -> web.AppRunner:
     _install_log_hygiene()
-    runner = web.AppRunner(
+    runner_class = DirectRunner if DIRECT_HANDLER in app else web.AppRunner
+    runner = runner_class(
         app,
         access_log_class=AccessLogger,
         # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.

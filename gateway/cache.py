@@ -77,7 +77,10 @@ class KeyCache:
         return len(self._entries)
 
     def get(self, key_id: str) -> CachedKey | None:
-        return self._entries.get(key_id)
+        try:  # one lookup; TTLCache.get would check expiry twice (contains, then getitem)
+            return self._entries[key_id]
+        except KeyError:
+            return None
 
     def put(self, key_id: str, entry: CachedKey, *, epoch: int) -> bool:
         """Store `entry` unless an eviction happened since `epoch` was read."""

@@ -186,9 +186,16 @@ class Forwarder:
     ) -> bytes | LimitedBody | None:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
+        content = request.content
+        if content.is_eof():  # all there already: no timer, no await
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise too_large(limit)
+            return body
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            # Authorised: now invite the body the client is holding back.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if length is not None and length <= _SMALL_BODY:
-            if request.content.is_eof():
-                return await request.read()  # all there already: no timer needed
             try:
                 async with asyncio.timeout(self._settings.body_timeout):
                     return await request.read()

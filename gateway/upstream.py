@@ -229,6 +229,8 @@ class UpstreamResponse:
         return self._conn.complete
 
     async def read(self) -> bytes:
+        if self._conn.complete:
+            return self._conn.take_all()
         chunks = [chunk async for chunk in self.iter_chunks()]
         return b"".join(chunks)
 
@@ -372,6 +374,17 @@ class _Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def take_all(self) -> bytes:
+        """Everything received and not yet taken (the whole body once complete)."""
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._reading_paused and self._transport:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return body
 
     def next_chunk(self) -> bytes | None:
         if not self._chunks:

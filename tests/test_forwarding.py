@@ -384,3 +384,34 @@ async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_expect_100_continue_is_answered_only_once_the_key_is_good(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+
+    async def post_holding_back_the_body(
+        key: str,
+    ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", keystile.gateway_port)
+        writer.write(
+            b"POST /mcp-connect/github/ HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
+            b"Expect: 100-continue\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            first = await reader.readuntil(b"\r\n\r\n")
+        return first, reader, writer
+
+    refused, _, writer = await post_holding_back_the_body(issued.key[:-1] + "x")
+    assert refused.startswith(b"HTTP/1.1 401 ")  # no invitation to send the body
+    writer.close()
+
+    interim, reader, writer = await post_holding_back_the_body(issued.key)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b'{"a":1}')
+    async with asyncio.timeout(5):
+        final = await reader.readuntil(b"\r\n\r\n")
+    assert final.startswith(b"HTTP/1.1 200 ")
+    assert upstream.seen[-1]["body"] == '{"a":1}'
+    writer.close()
