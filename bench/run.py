@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "latest.json")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (3; quick 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (5; quick 1)")
     parser.add_argument("--seconds", type=float, help="seconds per target per round (10; 1)")
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--herd", type=int, help="distinct keys in the herd (10000; 100)")
@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config(
         quick=q,
         out=a.out,
-        rounds=a.rounds or (1 if q else 3),
+        rounds=a.rounds or (1 if q else 5),
         seconds=a.seconds or (1.0 if q else 10.0),
         warmup=1.0 if q else 3.0,
         connections=a.connections,
