@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 
 from gateway.config import UpstreamSettings
@@ -415,3 +418,67 @@ async def test_expect_100_continue_is_answered_only_once_the_key_is_good(
     assert final.startswith(b"HTTP/1.1 200 ")
     assert upstream.seen[-1]["body"] == '{"a":1}'
     writer.close()
+
+
+@pytest.fixture
+def upstream_ca(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
+    """A test CA that Keystile's upstream TLS trusts (through OpenSSL's SSL_CERT_FILE)."""
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    return ca
+
+
+async def https_upstream(cert: trustme.LeafCert) -> tuple[web.AppRunner, int]:
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"tls": request.secure, "body": await request.text()})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+async def test_https_upstream_is_verified_and_reached(
+    database_url: str, upstream_ca: trustme.CA
+) -> None:
+    runner, port = await https_upstream(upstream_ca.issue_cert("127.0.0.1"))
+    settings = replace(
+        make_settings(),
+        mcp_servers={"tls": UpstreamSettings(url=f"https://127.0.0.1:{port}/mcp")},
+    )
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            issued = await a_key(ks)
+            for n in range(2):  # the second request reuses the kept-alive TLS connection
+                status, _, body = await ks.request(
+                    "POST", "/mcp-connect/tls/", issued.key, json={"n": n}
+                )
+                assert status == 200
+                assert body == {"tls": True, "body": f'{{"n": {n}}}'}
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_upstream_with_an_untrusted_certificate_is_502(
+    database_url: str, upstream_ca: trustme.CA
+) -> None:
+    stranger = trustme.CA()  # not the CA Keystile trusts
+    runner, port = await https_upstream(stranger.issue_cert("127.0.0.1"))
+    settings = replace(
+        make_settings(),
+        mcp_servers={"tls": UpstreamSettings(url=f"https://127.0.0.1:{port}/mcp")},
+    )
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            issued = await a_key(ks)
+            status, _, body = await ks.request("POST", "/mcp-connect/tls/", issued.key, json={})
+            assert status == 502 and body["error"] == "bad_gateway"
+    finally:
+        await runner.cleanup()
