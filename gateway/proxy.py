@@ -148,13 +148,18 @@ class Forwarder:
         except BodyTooLarge:
             raise too_large(self._settings.max_body_bytes) from None
         except UpstreamError as exc:
-            if watch.reason == "client":
-                return _client_gone()
-            self._metrics.upstream_errors += 1
-            if watch.reason == "deadline":
-                raise upstream_timeout() from None
-            log.warning("upstream %s failed: %s", _origin(url), exc)
-            raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
+            return self._failed(watch, f"upstream {_origin(url)} failed: {exc}")
+
+    def _failed(self, watch: Watch, problem: str) -> web.Response:
+        """The answer when the exchange broke before anything was sent to the client: 499
+        if the client left (nobody reads it), 504 past the deadline, else 502."""
+        if watch.reason == "client":
+            return _client_gone()
+        self._metrics.upstream_errors += 1
+        if watch.reason == "deadline":
+            raise upstream_timeout()
+        log.warning("%s", problem)
+        raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.")
 
     def _start_deadline(self, watch: Watch) -> None:
         watch.deadline = self._watchdog.now() + self._settings.response_timeout
@@ -169,13 +174,7 @@ class Forwarder:
         try:
             body = await upstream.read()
         except UpstreamError as exc:
-            if watch.reason == "client":
-                return _client_gone()
-            self._metrics.upstream_errors += 1
-            if watch.reason == "deadline":
-                raise upstream_timeout() from None
-            log.warning("upstream failed mid-answer: %s", exc)
-            raise ApiError(502, "bad_gateway", "The upstream is unreachable or failed.") from None
+            return self._failed(watch, f"upstream failed mid-answer: {exc}")
         headers.popall("Content-Length", None)  # set from the body by Response
         return web.Response(
             status=upstream.status, reason=upstream.reason or None, body=body, headers=headers
