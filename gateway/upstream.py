@@ -453,6 +453,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self._keep_alive = False  # a second answer nobody asked for: never reuse this
+
     def on_status(self, status: bytes) -> None:
         self._reason = status.decode("latin-1")
 
@@ -460,6 +464,8 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return  # the head of an answer nobody asked for (see on_message_begin)
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._headers = []  # informational (100 Continue, 103 Early Hints): not the answer

@@ -275,3 +275,13 @@ async def test_header_bytes_pass_both_ways_unchanged(client: UpstreamClient) -> 
         async with await client.request("GET", url(server), headers, None) as answer:
             assert answer.headers["X-Name"] == sent
         assert b"X-Name: caf\xe9 \xe2\x9c\x93\r\n" in server.requests[0]
+
+
+async def test_connection_with_an_unasked_for_answer_is_not_reused(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    async with raw_server(serving(OK + OK, holder)) as server:  # two answers per request
+        holder.append(server)
+        for _ in range(2):
+            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+                assert await answer.read() == b"ok"
+        assert server.connections == 2
