@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
@@ -132,7 +133,7 @@ class UpstreamClient:
         idle = self._idle.get(origin.key)
         if not idle:
             return None
-        oldest_usable = asyncio.get_running_loop().time() - IDLE_SECONDS
+        oldest_usable = time.monotonic() - IDLE_SECONDS
         while idle:
             conn = idle.pop()
             if conn.usable and conn.idle_since >= oldest_usable:
@@ -164,12 +165,17 @@ class UpstreamClient:
         if self._closed or not conn.reusable:
             conn.close()
             return
+        now = time.monotonic()
         idle = self._idle.get(conn.origin_key)
         if idle is None:
             idle = self._idle[conn.origin_key] = deque()
-        elif len(idle) >= MAX_IDLE_PER_ORIGIN:
+        # Oldest first: close what idled too long (reuse takes the newest, so under steady
+        # traffic the old ones would otherwise never be looked at) and what overflows.
+        while idle and (
+            idle[0].idle_since < now - IDLE_SECONDS or len(idle) >= MAX_IDLE_PER_ORIGIN
+        ):
             idle.popleft().close()
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = now
         idle.append(conn)
 
     def abort_all(self) -> None:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 from multidict import CIMultiDict
 
+from gateway import upstream
 from gateway.upstream import UpstreamClient, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -19,6 +20,7 @@ class RawServer:
     def __init__(self) -> None:
         self.port = 0
         self.connections = 0
+        self.ended = asyncio.Event()  # set once a connection has ended (closed by the client)
         self.requests: list[bytes] = []
 
 
@@ -36,6 +38,7 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            state.ended.set()
             writer.close()
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
@@ -285,3 +288,29 @@ async def test_connection_with_an_unasked_for_answer_is_not_reused(client: Upstr
             async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
                 assert await answer.read() == b"ok"
         assert server.connections == 2
+
+
+async def test_connections_idle_too_long_are_closed_not_reused(
+    client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 1.0)
+    holder: list[RawServer] = []
+
+    async def get() -> None:
+        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            assert await answer.read() == b"ok"
+
+    async with raw_server(serving(OK, holder)) as server:
+        holder.append(server)
+        await asyncio.gather(get(), get())  # two connections, both pooled
+        assert server.connections == 2
+        await asyncio.sleep(0.5)
+        await get()  # reuses the newer one
+        await asyncio.sleep(0.7)
+        await get()  # the newer again; the older, idle for 1.2 s, is closed on the way
+        assert server.connections == 2
+        async with asyncio.timeout(5):
+            await server.ended.wait()
+        await asyncio.sleep(1.2)
+        await get()  # everything pooled has idled past the limit: a fresh connection
+        assert server.connections == 3
