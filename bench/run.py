@@ -69,7 +69,7 @@ PHASES = (
     "herd",
     "revocation",
     "store_scale",
-    "attack",
+    "attack",  # last: it leaves the driver's address throttled for a window
 )
 
 
@@ -1271,18 +1271,19 @@ class Bench:
             ThreadPoolExecutor(8, initializer=os.sched_setaffinity, initargs=(0, everything))
         )
         await self.setup()
-        phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("throughput", self.throughput),
-            ("workers", self.workers_unpinned),
-            ("profile", self.profile_hot_path),
-            ("streaming", self.streaming),
-            ("cold_path", self.cold_path),
-            ("herd", self.herd),
-            ("revocation", self.revocation),
-            ("store_scale", self.store_scale),
-            ("attack", self.attack),  # last: it leaves this client throttled for a window
-        ]
-        for name, phase in phases:
+        steps: dict[str, Callable[[], Awaitable[None]]] = {
+            "throughput": self.throughput,
+            "workers": self.workers_unpinned,
+            "profile": self.profile_hot_path,
+            "streaming": self.streaming,
+            "cold_path": self.cold_path,
+            "herd": self.herd,
+            "revocation": self.revocation,
+            "store_scale": self.store_scale,
+            "attack": self.attack,
+        }
+        for name in PHASES:  # PHASES holds the order (and --only checks against it)
+            phase = steps[name]
             if self.cfg.only and name not in self.cfg.only:
                 continue
             print(f"== {name}", flush=True)

@@ -94,7 +94,6 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Forward `request` to `url`. `rewrite_endpoint` = (upstream url, gateway prefix)
         turns a legacy SSE `endpoint` event into a path through the gateway."""
-        assert self.client is not None
         limit = self._settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:

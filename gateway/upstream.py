@@ -7,8 +7,9 @@ tasks, timers, cookie jars or URL objects. A request with a known body goes out 
 `write`; a streamed body is sent chunked. Reading pauses while more than `_HIGH_WATER`
 bytes wait for the client, so a large answer streams with flat memory.
 
-Timeouts belong to the caller (`asyncio.timeout` around any await cancels cleanly: the
-connection is then closed, never reused). Connecting is bounded by `connect_timeout`.
+Timeouts belong to the caller: `on_connection` hands it the connection, whose `close()` ends
+whatever awaits it with UpstreamError; a cancelled await closes the connection too. Either
+way a connection is never reused mid-answer. Connecting is bounded by `connect_timeout`.
 """
 
 from __future__ import annotations
@@ -387,9 +388,7 @@ class _Connection(asyncio.Protocol):
         body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
-        if self._reading_paused and self._transport:
-            self._reading_paused = False
-            self._transport.resume_reading()
+        self._resume_when_drained()
         return body
 
     def next_chunk(self) -> bytes | None:
@@ -397,10 +396,13 @@ class _Connection(asyncio.Protocol):
             return None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
+        self._resume_when_drained()
+        return chunk
+
+    def _resume_when_drained(self) -> None:
         if self._reading_paused and self._buffered <= _LOW_WATER and self._transport:
             self._reading_paused = False
             self._transport.resume_reading()
-        return chunk
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None and not self.complete:
