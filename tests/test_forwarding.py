@@ -9,15 +9,21 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
 
-from gateway.config import UpstreamSettings
+from gateway.config import Settings, UpstreamSettings
 from gateway.keyring import IssuedKey
 from tests.support import Keystile, Upstream, make_settings, start_keystile
+
+
+def only_server(name: str, url: str, **sections: Any) -> Settings:
+    """Test settings whose one MCP server is `name`, at `url`."""
+    return replace(make_settings(**sections), mcp_servers={name: UpstreamSettings(url=url)})
 
 
 async def a_key(keystile: Keystile, permissions: tuple[str, ...] = ("mcp", "chat")) -> IssuedKey:
@@ -211,14 +217,7 @@ async def test_unreachable_upstream_is_502(database_url: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = make_settings()
-    from dataclasses import replace
-
-    from gateway.config import UpstreamSettings
-
-    settings = replace(
-        settings, mcp_servers={"down": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")}
-    )
+    settings = only_server("down", f"http://127.0.0.1:{port}/mcp")
     async with start_keystile(settings, database_url) as ks:
         issued = await a_key(ks)
         status, _, body = await ks.request("GET", "/mcp-connect/down/", issued.key)
@@ -339,9 +338,8 @@ async def test_upstream_that_stalls_its_announced_body_is_504(database_url: str)
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    settings = replace(
-        make_settings(gateway={"response_timeout": 0.5}),
-        mcp_servers={"stall": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")},
+    settings = only_server(
+        "stall", f"http://127.0.0.1:{port}/mcp", gateway={"response_timeout": 0.5}
     )
     try:
         async with start_keystile(settings, database_url) as ks:
@@ -366,10 +364,7 @@ async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
 
     server = await asyncio.start_server(thinking, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    settings = replace(
-        make_settings(),
-        mcp_servers={"slow": UpstreamSettings(url=f"http://127.0.0.1:{port}/mcp")},
-    )
+    settings = only_server("slow", f"http://127.0.0.1:{port}/mcp")
     try:
         async with start_keystile(settings, database_url) as ks:
             issued = await a_key(ks)
@@ -449,10 +444,7 @@ async def test_https_upstream_is_verified_and_reached(
     database_url: str, upstream_ca: trustme.CA
 ) -> None:
     runner, port = await https_upstream(upstream_ca.issue_cert("127.0.0.1"))
-    settings = replace(
-        make_settings(),
-        mcp_servers={"tls": UpstreamSettings(url=f"https://127.0.0.1:{port}/mcp")},
-    )
+    settings = only_server("tls", f"https://127.0.0.1:{port}/mcp")
     try:
         async with start_keystile(settings, database_url) as ks:
             issued = await a_key(ks)
@@ -471,10 +463,7 @@ async def test_https_upstream_with_an_untrusted_certificate_is_502(
 ) -> None:
     stranger = trustme.CA()  # not the CA Keystile trusts
     runner, port = await https_upstream(stranger.issue_cert("127.0.0.1"))
-    settings = replace(
-        make_settings(),
-        mcp_servers={"tls": UpstreamSettings(url=f"https://127.0.0.1:{port}/mcp")},
-    )
+    settings = only_server("tls", f"https://127.0.0.1:{port}/mcp")
     try:
         async with start_keystile(settings, database_url) as ks:
             issued = await a_key(ks)
