@@ -55,11 +55,20 @@ class GatewaySettings:
     shutdown_timeout: float = 30.0
     keepalive_timeout: float = 30.0  # idle connection, or one trickling a request head
     body_timeout: float = 30.0  # longest silence while a request body is read
+    # An upload slower than this on average (after body_timeout's worth of grace) is dropped
+    # with 408, so a trickled body cannot hold a connection for ever. 0: no floor.
+    body_min_rate: int = 1024  # bytes per second
+    # Open connections per upstream origin; further requests wait for one to be released.
+    upstream_max_connections: int = 256
+    # Client connections per process; past it new connections get 503 and are closed, so
+    # the process keeps file descriptors for its upstreams, its database and its admin plane.
+    max_connections: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: Address = Address("127.0.0.1", 8081)
+    max_connections: int = 256  # client connections per process on the admin plane
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,11 +391,15 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "shutdown_timeout"): _number(0),
     ("gateway", "keepalive_timeout"): _number(0, exclusive=True),
     ("gateway", "body_timeout"): _number(0, exclusive=True),
+    ("gateway", "body_min_rate"): _integer(0),
+    ("gateway", "upstream_max_connections"): _integer(1, 100_000),
+    ("gateway", "max_connections"): _integer(1, 1_000_000),
     ("throttle", "failures_per_client"): _integer(0),
     ("throttle", "failures_per_key"): _integer(0),
     ("throttle", "window_seconds"): _number(0, exclusive=True),
     ("throttle", "max_tracked"): _integer(1),
     ("admin", "listen"): _address,
+    ("admin", "max_connections"): _integer(1, 1_000_000),
     ("database", "url"): _database_url,
     ("database", "listen_url"): _database_url,
     ("database", "data_dir"): _string,
