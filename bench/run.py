@@ -263,7 +263,7 @@ def python_path() -> str:
 # `keystile serve` on uvloop, without touching the product: set the policy, then the CLI.
 UVLOOP_SERVE = (
     "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "sys.argv[0] = 'keystile'; from gateway.cli import main; main()"
+    "sys.argv[0] = 'keystile'; from keystile.cli import main; main()"
 )
 
 
@@ -319,7 +319,7 @@ class Bench:
             self.procs.remove(proc)
 
     async def start_keystile(self, name: str, db_url: str, *, workers: int = 1) -> Proc:
-        entry = ["-c", UVLOOP_SERVE] if name.endswith("uvloop") else ["-m", "gateway.cli"]
+        entry = ["-c", UVLOOP_SERVE] if name.endswith("uvloop") else ["-m", "keystile.cli"]
         argv = [PY, *entry, "serve", "--config", str(self.keystile_cfg[name])]
         if workers > 1:
             argv += ["--workers", str(workers)]
@@ -411,7 +411,7 @@ class Bench:
         # An admin key the way an operator gets one: `keystile bootstrap` (runs migrations).
         boot = await asyncio.to_thread(
             subprocess.run,
-            [PY, "-m", "gateway.cli", "bootstrap", "--config", str(self.keystile_cfg["keystile"])],
+            [PY, "-m", "keystile.cli", "bootstrap", "--config", str(self.keystile_cfg["keystile"])],
             capture_output=True,
             text=True,
             timeout=120,

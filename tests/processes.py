@@ -23,7 +23,7 @@ def free_port() -> int:
 
 def keystile_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "keystile.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -53,7 +53,7 @@ class ServeProcess:
             + f'[admin]\nlisten = "127.0.0.1:{self.admin_port}"\n'
             + extra_toml
         )
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)]
+        command = [sys.executable, "-m", "keystile.cli", "serve", "--config", str(self.config)]
         if workers > 1:
             command += ["--workers", str(workers)]
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()

@@ -22,7 +22,7 @@ from gateway.keys import KeyHasher
 
 def keystile(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "keystile.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -107,7 +107,7 @@ def test_demo_prints_keys_and_curl_lines_that_work(tmp_path: Path) -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "demo", "--config", str(config)],
+        [sys.executable, "-m", "keystile.cli", "demo", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -508,7 +508,7 @@ def run_cli(
         k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE") and k != "DATABASE_URL"
     }
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "keystile.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

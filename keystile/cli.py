@@ -145,7 +145,7 @@ def _run_server(settings: Settings, url: str, *, reuse_port: bool) -> int:
 
 def _supervise(args: argparse.Namespace, url: str) -> int:
     """Run N worker processes on the same ports (SO_REUSEPORT); forward signals; wait."""
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--worker"]
+    command = [sys.executable, "-m", "keystile.cli", "serve", "--worker"]
     if args.config:
         command += ["--config", args.config]
     env = {**os.environ, "DATABASE_URL": url}
@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     _setup_logging(settings)
-    from gateway.demo import run_demo
+    from keystile.demo import run_demo
 
     try:
         with database_url(settings) as url:
