@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -369,3 +369,31 @@ def assert_422(reply: Reply, field: str) -> None:
     assert_error(reply, 422)
     assert reply.body.get("field") == field, reply.body
     assert field in reply.body["message"]
+
+
+# Long enough that only a hang trips it: tests wait for events, they never time them.
+DEADLINE = 30.0
+
+
+async def wait_until(
+    predicate: Callable[[], object],
+    *,
+    within: float = DEADLINE,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "condition never held",
+) -> Any:
+    """Poll `predicate` (a function, or one returning an awaitable) until it gives something
+    truthy, and return that. `within` only turns a hang into a failure; it is never a speed
+    requirement (speed is measured in bench/), so keep it generous."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return result
+        if loop.time() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"{text} (still not so after {within:g} s)")
+        await asyncio.sleep(interval)
