@@ -18,7 +18,7 @@ from admin.http import Caller, invalid, reject_unknown
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.keyring import IssuedKey, Keyring
 from gateway.models import ApiKey, User
-from gateway.store import LastAdminError
+from gateway.store import LastAdminError, NotFound
 
 KEY_CREATE_FIELDS = frozenset(
     {
@@ -136,7 +136,7 @@ class KeyAdmin:
             return await self._keyring.update_key(caller.actor, key_id, fields)
         except UniqueViolationError:
             raise name_taken(fields["name"]) from None
-        except LookupError:
+        except NotFound:
             raise key_not_found() from None
 
     async def set_active(self, caller: Caller, key_id: str, active: bool) -> ApiKey:
@@ -148,7 +148,7 @@ class KeyAdmin:
             return  # revoking twice is not an error: the key is revoked either way
         try:
             await self._keyring.revoke_key(caller.actor, key_id)
-        except LookupError:
+        except NotFound:
             return  # revoked concurrently
 
     async def rotate(self, caller: Caller, key_id: str, data: dict[str, Any]) -> IssuedKey:
@@ -161,7 +161,7 @@ class KeyAdmin:
         await self._live(caller, key_id)
         try:
             return await self._keyring.rotate_key(caller.actor, key_id, grace_seconds=grace)
-        except LookupError:
+        except NotFound:
             raise key_not_found() from None
 
     # --- helpers ---
@@ -290,7 +290,7 @@ class UserAdmin:
             raise last_admin() from None
         except UniqueViolationError:
             raise ApiError(409, "conflict", "Another user has that email.", field="email") from None
-        except LookupError:
+        except NotFound:
             raise user_not_found() from None
 
     async def delete(self, caller: Caller, user_id: str) -> None:
@@ -299,7 +299,7 @@ class UserAdmin:
             await self._keyring.delete_user(caller.actor, user_id)
         except LastAdminError:
             raise last_admin() from None
-        except LookupError:
+        except NotFound:
             raise user_not_found() from None
 
     async def set_servers(self, caller: Caller, user_id: str, data: dict[str, Any]) -> User:
@@ -310,5 +310,5 @@ class UserAdmin:
         servers = validate.servers(data, "servers", self._servers)
         try:
             return await self._keyring.set_user_servers(caller.actor, user_id, servers)
-        except LookupError:
+        except NotFound:
             raise user_not_found() from None

@@ -16,7 +16,7 @@ from typing import Any
 from gateway import keys
 from gateway.cache import KeyCache
 from gateway.models import ApiKey, User, Workspace
-from gateway.store import Actor, Store
+from gateway.store import Actor, NotFound, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +131,7 @@ class Keyring:
     async def rotate_key(self, actor: Actor, key_id: str, *, grace_seconds: float = 0) -> IssuedKey:
         current = await self.store.key(actor.workspace_id, key_id)
         if current is None or current.revoked_at is not None:
-            raise LookupError(key_id)
+            raise NotFound(key_id)
         minted = keys.generate(current.user_id, key_id)
         record = await self.store.rotate_key(
             actor,

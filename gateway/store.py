@@ -32,6 +32,14 @@ class Actor:
     key_id: str | None = None
 
 
+class NotFound(Exception):
+    """The row a change names is not there (or no longer live: deleted user, revoked key).
+
+    Deliberately not a LookupError: callers answer 404 for this alone, so a KeyError or
+    IndexError from a bug surfaces as the bug it is instead of as "no such record".
+    """
+
+
 _KEY_COLUMNS = """
     k.id, k.user_id, k.workspace_id, k.name, k.description, k.servers, k.permissions,
     k.valid_from, k.expires_at, k.is_active, k.secret_prefix, k.created_at, k.updated_at,
@@ -217,7 +225,7 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             before = await _fetch_user(conn, user_id, actor.workspace_id, lock=True)
             if before is None:
-                raise LookupError(user_id)
+                raise NotFound(user_id)
             await conn.execute(DELETE_GRANTS, user_id)
             await conn.execute(INSERT_GRANTS, user_id, sorted(set(servers)))
             changes = {"servers": {"from": list(before.servers), "to": sorted(set(servers))}}
@@ -232,7 +240,7 @@ class Store:
             await _lock_admins(conn, actor.workspace_id)
             before = await _fetch_user(conn, user_id, actor.workspace_id, lock=True)
             if before is None or before.deleted_at is not None:
-                raise LookupError(user_id)
+                raise NotFound(user_id)
             leaves = changes.get("role") == "member" or changes.get("is_active") is False
             if leaves:
                 await _keep_an_admin(conn, before)
@@ -259,7 +267,7 @@ class Store:
                 actor.workspace_id,
             )
             if done is None:
-                raise LookupError(user_id)
+                raise NotFound(user_id)
             revoked = await conn.fetch(
                 "UPDATE api_keys SET revoked_at = now(), is_active = false, updated_at = now() "
                 "WHERE user_id = $1 AND revoked_at IS NULL RETURNING id",
@@ -348,7 +356,7 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(KEY_BY_ID + " FOR UPDATE", key_id, actor.workspace_id)
             if row is None or row["revoked_at"] is not None:
-                raise LookupError(key_id)
+                raise NotFound(key_id)
             before = _key(row)
             values = {
                 k: json.dumps(v) if k == "rate_limit" and v is not None else v
@@ -368,7 +376,7 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(REVOKE_KEY, key_id, actor.workspace_id)
             if row is None:
-                raise LookupError(key_id)
+                raise NotFound(key_id)
             await _audit(conn, actor, "key.revoke", "key", key_id, {})
             await _notify(conn, "key", key_id)
             return _key(row)
@@ -387,7 +395,7 @@ class Store:
                 ROTATE_KEY, key_id, actor.workspace_id, grace_seconds, secret_hash, secret_prefix
             )
             if row is None:
-                raise LookupError(key_id)
+                raise NotFound(key_id)
             changes = {"grace_seconds": grace_seconds}
             await _audit(conn, actor, "key.rotate", "key", key_id, changes)
             await _notify(conn, "key", key_id)

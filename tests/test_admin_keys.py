@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from gateway import store as store_module
 from gateway.models import User
 from gateway.store import Actor
 from tests.support import Keystile
@@ -879,3 +880,44 @@ async def test_a_deleted_users_revoked_keys_still_name_the_user(keystile: Keysti
     _, rows = await call(keystile, "GET", "/api/keys?all=true&status=revoked", admin_key)
     assert [row["user_id"] for row in rows] == [member.id]
     assert rows[0]["user"]["email"] == "member@x"
+
+
+# --- 11. a bug is an internal error, not a missing key ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "sub", "body", "action"),
+    [
+        ("PATCH", "", {"name": "renamed"}, "key.update"),
+        ("POST", "/disable", None, "key.disable"),
+        ("POST", "/rotate", None, "key.rotate"),
+        ("DELETE", "", None, "key.revoke"),
+    ],
+)
+async def test_a_key_error_inside_a_change_is_500_not_404(
+    keystile: Keystile,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    sub: str,
+    body: Any,
+    action: str,
+) -> None:
+    """Only a missing row answers 404: a KeyError raised by a bug mid-change is a 500."""
+    _, key = await member_actor(keystile)
+    made = await create(keystile, key, name="k")
+    real_audit = store_module._audit
+
+    async def buggy_audit(conn: Any, actor: Actor, act: str, *rest: Any) -> None:
+        if act == action:  # inside the change's transaction, as a real bug would be
+            raise KeyError("a bug, not a missing row")
+        await real_audit(conn, actor, act, *rest)
+
+    monkeypatch.setattr(store_module, "_audit", buggy_audit)
+    status, answer = await call(keystile, method, f"/api/keys/{made['id']}{sub}", key, body)
+    monkeypatch.undo()
+    assert status == 500 and answer["error"] == "internal_error", answer
+    assert "a bug" not in answer["message"]
+    # The change failed as a whole: the key is as it was and still works with its secret.
+    status, after = await call(keystile, "GET", f"/api/keys/{made['id']}", key)
+    assert (status, after["name"], after["status"]) == (200, "k", "active")
+    assert (await me_status(keystile, made["key"]))[0] == 200
