@@ -21,6 +21,7 @@ from gateway.headers import TrustedProxies
 from gateway.models import Principal
 from gateway.runtime import Runtime
 from gateway.store import Actor
+from gateway.throttle import rate_limited
 
 log = logging.getLogger("keystile.admin")
 
@@ -65,11 +66,20 @@ async def authenticate(request: web.Request) -> Caller:
     client = request.app[TRUSTED].client(
         request.remote, request.headers.getall("X-Forwarded-For", ())
     )
-    principal = await runtime.authenticator.authenticate(credential(request.headers), client)
+    principal = await runtime.authenticator.authenticate(
+        credential(request.headers), client, runtime.admin_throttle
+    )
     policy.check_usable(principal, datetime.now(UTC))
-    if principal.key.allowed_cidrs is not None:
+    key = principal.key
+    if key.allowed_cidrs is not None:
         policy.require_address(principal, client)  # or the key could mint an unbound one
-    runtime.usage.record(principal.key.id)
+    if key.rate_limit is not None:  # the same budget as on the data plane
+        allowed, limit_headers = runtime.rate_limiter.take(
+            key.id, key.rate_limit["requests"], key.rate_limit["per_seconds"]
+        )
+        if not allowed:
+            raise rate_limited(limit_headers)
+    runtime.usage.record(key.id)
     caller = Caller(principal)
     if not caller.is_admin and "keys" not in principal.key.permissions:
         raise forbidden("This needs a key with the 'keys' or 'admin' permission.")

@@ -63,6 +63,8 @@ def create_gateway_app(runtime: Runtime) -> web.Application:
         usage=runtime.usage,
         metrics=runtime.metrics,
         readiness=runtime.readiness,
+        throttle=runtime.data_throttle,
+        rate_limiter=runtime.rate_limiter,
     )
 
     async def upstream_session(_: web.Application) -> AsyncIterator[None]:

@@ -15,7 +15,7 @@ from gateway.errors import ApiError, not_found
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
 from gateway.proxy import Forwarder
-from gateway.throttle import KeyRateLimiter, rate_limited
+from gateway.throttle import FailureThrottle, KeyRateLimiter, rate_limited
 from gateway.usage import LastUsedRecorder
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
@@ -35,6 +35,8 @@ class DataPlane:
         usage: LastUsedRecorder,
         metrics: Metrics,
         readiness: ReadinessCheck,
+        throttle: FailureThrottle,
+        rate_limiter: KeyRateLimiter,
     ) -> None:
         self._servers = servers
         self._server_names = frozenset(servers)
@@ -44,7 +46,8 @@ class DataPlane:
         self._usage = usage
         self._metrics = metrics
         self._readiness = readiness
-        self._limiter = KeyRateLimiter()
+        self._throttle = throttle
+        self._limiter = rate_limiter
         self._trusted = forwarder.trusted
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -69,7 +72,9 @@ class DataPlane:
         if route.kind == "unknown":
             raise not_found()
         client = self._client(request)
-        principal = await self._auth.authenticate(credential(request.headers), client)
+        principal = await self._auth.authenticate(
+            credential(request.headers), client, self._throttle
+        )
         policy.check_usable(principal, datetime.now(UTC))
         key = principal.key
         if key.allowed_cidrs is not None:

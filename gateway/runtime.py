@@ -23,7 +23,7 @@ from gateway.keyring import Keyring
 from gateway.keys import KeyHasher
 from gateway.metrics import Metrics
 from gateway.store import Store
-from gateway.throttle import FailureThrottle
+from gateway.throttle import FailureThrottle, KeyRateLimiter
 from gateway.usage import LastUsedRecorder
 
 
@@ -38,6 +38,12 @@ class Runtime:
     usage: LastUsedRecorder
     metrics: Metrics
     listener: InvalidationListener
+    # Failed attempts are counted per plane: a client's failures on the data plane do not
+    # lock it out of the admin plane, nor the reverse.
+    data_throttle: FailureThrottle
+    admin_throttle: FailureThrottle
+    # One budget per key across both planes.
+    rate_limiter: KeyRateLimiter
 
     async def readiness(self) -> dict[str, bool]:
         """Readiness for /readyz: the store answers and the invalidation listener is up."""
@@ -56,6 +62,16 @@ def make_hasher(settings: Settings) -> KeyHasher:
         time_cost=k.argon2_time_cost,
         memory_kib=k.argon2_memory_kib,
         parallelism=k.argon2_parallelism,
+    )
+
+
+def make_throttle(settings: Settings) -> FailureThrottle:
+    t = settings.throttle
+    return FailureThrottle(
+        per_client=t.failures_per_client,
+        per_key=t.failures_per_key,
+        window_seconds=t.window_seconds,
+        max_tracked=t.max_tracked,
     )
 
 
@@ -78,12 +94,6 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         hasher=hasher,
         metrics=metrics,
         verify_concurrency=k.verify_concurrency,
-        throttle=FailureThrottle(
-            per_client=settings.throttle.failures_per_client,
-            per_key=settings.throttle.failures_per_key,
-            window_seconds=settings.throttle.window_seconds,
-            max_tracked=settings.throttle.max_tracked,
-        ),
     )
     usage = LastUsedRecorder(
         store,
@@ -107,6 +117,9 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         usage=usage,
         metrics=metrics,
         listener=listener,
+        data_throttle=make_throttle(settings),
+        admin_throttle=make_throttle(settings),
+        rate_limiter=KeyRateLimiter(),
     )
     await listener.start(wait=settings.database.connect_timeout)
     usage.start()

@@ -1,15 +1,28 @@
-"""Failed-authentication throttling, and per-key rate limits. Both per process.
+"""Failed-authentication throttling, the argon2 queue, and per-key rate limits. Per process.
 
-Failures are counted per client address and per key id in fixed windows; past the threshold
-the client (or key id) gets 429 until the window ends. Only requests that would need the
-store or argon2 are refused: a valid key already in the cache is never throttled, so a flood
-of bad keys from one address slows neither valid keys of other clients nor cached ones.
+Failures are counted per client and per key id in fixed windows. An attempt that needs the
+store or argon2 first *reserves* a place in its client's budget, so a burst of concurrent
+attempts cannot all pass the check before the first of them fails: a client is never
+verifying more keys at once than it has failures left, nor more than `max_inflight`. Past
+the budget the client (or a key id it has been guessing) gets 429 until the window ends.
+
+Only requests that would need the store or argon2 are refused: a valid key already in the
+cache is never throttled. A client with no failures of its own is never refused because of
+a key id's count, so whoever guesses at a key id cannot lock its owner out; and a clean
+client's verification is queued ahead of those of clients that have failed (VerifyQueue),
+so the owner is not starved of argon2 either.
+
+IPv6 clients are counted per /64: one host usually holds a whole /64, and counting single
+addresses would give it 2**64 budgets.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +40,48 @@ def too_many_attempts(retry_after: float) -> ApiError:
     )
 
 
+def client_identity(address: str) -> str:
+    """Whom a failure is counted against: the address, or its /64 for IPv6."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+@dataclass(slots=True)
+class _Count:
+    started: float
+    failures: int = 0
+    inflight: int = 0
+
+
+class Attempt:
+    """A reserved place in a client's budget, for one verification. Settle it exactly once."""
+
+    __slots__ = ("_throttle", "clean", "client", "key_id")
+
+    def __init__(
+        self, throttle: FailureThrottle, client: str, key_id: str | None, clean: bool
+    ) -> None:
+        self._throttle = throttle
+        self.client = client
+        self.key_id = key_id
+        # No failures of its own and nothing else in flight: first in the argon2 queue.
+        self.clean = clean
+
+    def release(self) -> None:
+        """The attempt did not fail (it verified, or could not be decided): no count."""
+        self._throttle._settle(self, failed=False)
+
+    def failed(self) -> None:
+        self._throttle._settle(self, failed=True)
+
+
 class FailureThrottle:
     def __init__(
         self,
@@ -35,51 +90,109 @@ class FailureThrottle:
         per_key: int,
         window_seconds: float,
         max_tracked: int,
+        max_inflight: int = 4,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limits = {"client": per_client, "key": per_key}
         self._window = window_seconds
+        self._max_inflight = max_inflight
         self._timer = timer
-        # (kind, id) -> [window start, failures]; entries expire with their window.
-        self._counts: TTLCache[tuple[str, str], list[float]] = TTLCache(
+        # (kind, id) -> its window; entries expire with their window.
+        self._counts: TTLCache[tuple[str, str], _Count] = TTLCache(
             max_tracked, window_seconds, timer=timer
         )
 
-    def check(self, client: str, key_id: str | None) -> None:
-        """Raise 429 if this client is over its failure budget, or if it has failed itself
-        and asks for a key id that is over its budget.
-
-        A client with no failures of its own is always let through to verification: the
-        key's owner, from elsewhere, is not locked out by someone guessing at their key id;
-        each guessing address earns its own record with its first failure.
-        """
-        own = self._over("client", client)
+    def reserve(self, client: str, key_id: str | None) -> Attempt:
+        """A place for one verification, or 429 if this client is over its budget (failures
+        plus attempts in flight), or has failed itself and asks for a key id over budget."""
+        who = client_identity(client)
+        own = self._counts.get(("client", who))
         if own is not None:
-            raise too_many_attempts(own)
-        if key_id is None or ("client", client) not in self._counts:
-            return
-        key = self._over("key", key_id)
-        if key is not None:
-            raise too_many_attempts(key)
+            self._refuse_client(own)
+            if key_id is not None and own.failures > 0:
+                self._refuse_key(key_id)
+        else:
+            own = self._counts[("client", who)] = _Count(self._timer())
+        clean = own.failures == 0 and own.inflight == 0
+        own.inflight += 1
+        return Attempt(self, who, key_id, clean)
 
-    def _over(self, kind: str, ident: str) -> float | None:
-        """Seconds until the window ends, if `ident` is over its budget; else None."""
-        if self._limits[kind] <= 0:
-            return None
+    def failed(self, client: str) -> None:
+        """A failure that needed no verification (a malformed key): count it, or 429 if the
+        client is over its budget already."""
+        self.reserve(client, None).failed()
+
+    def _refuse_client(self, own: _Count) -> None:
+        limit = self._limits["client"]
+        over_budget = limit > 0 and own.failures + own.inflight >= limit
+        if over_budget or own.inflight >= self._max_inflight:
+            raise too_many_attempts(self._retry_after(own))
+
+    def _refuse_key(self, key_id: str) -> None:
+        limit = self._limits["key"]
+        entry = self._counts.get(("key", key_id))
+        if limit > 0 and entry is not None and entry.failures >= limit:
+            raise too_many_attempts(self._retry_after(entry))
+
+    def _retry_after(self, entry: _Count) -> float:
+        if entry.failures == 0:  # refused for attempts in flight: they end in milliseconds
+            return 1
+        return entry.started + self._window - self._timer()
+
+    def _count(self, kind: str, ident: str) -> _Count:
         entry = self._counts.get((kind, ident))
-        if entry is None or entry[1] < self._limits[kind]:
-            return None
-        return entry[0] + self._window - self._timer()
+        if entry is None:
+            entry = self._counts[(kind, ident)] = _Count(self._timer())
+        return entry
 
-    def failed(self, client: str, key_id: str | None) -> None:
-        for kind, ident in (("client", client), ("key", key_id)):
-            if ident is None:
-                continue
-            entry = self._counts.get((kind, ident))
-            if entry is None:
-                self._counts[(kind, ident)] = [self._timer(), 1]
+    def _settle(self, attempt: Attempt, *, failed: bool) -> None:
+        own = self._count("client", attempt.client)
+        own.inflight = max(0, own.inflight - 1)
+        if failed:
+            own.failures += 1
+            if attempt.key_id is not None:
+                self._count("key", attempt.key_id).failures += 1
+
+
+class VerifyQueue:
+    """At most `concurrency` verifications run at once; waiting ones are served clean
+    clients first (see FailureThrottle), then the others, each lane in arrival order."""
+
+    def __init__(self, concurrency: int) -> None:
+        self._free = concurrency
+        self._lanes: tuple[deque[asyncio.Future[None]], deque[asyncio.Future[None]]] = (
+            deque(),
+            deque(),
+        )
+
+    @property
+    def waiting(self) -> int:
+        return len(self._lanes[0]) + len(self._lanes[1])
+
+    async def acquire(self, clean: bool) -> None:
+        if self._free > 0 and not self.waiting:
+            self._free -= 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        lane = self._lanes[0 if clean else 1]
+        lane.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed a turn just as it was cancelled: pass it on
             else:
-                entry[1] += 1
+                lane.remove(turn)
+            raise
+
+    def release(self) -> None:
+        for lane in self._lanes:
+            while lane:
+                turn = lane.popleft()
+                if not turn.done():
+                    turn.set_result(None)
+                    return
+        self._free += 1
 
 
 @dataclass(slots=True)
@@ -89,7 +202,8 @@ class _Window:
 
 
 class KeyRateLimiter:
-    """Fixed windows per key: `requests` per `per_seconds`, counted in this process."""
+    """Fixed windows per key: `requests` per `per_seconds`, counted in this process across
+    both planes (a key's admin requests spend the same budget as its data-plane ones)."""
 
     def __init__(self, timer: Callable[[], float] = time.monotonic) -> None:
         self._timer = timer
