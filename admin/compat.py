@@ -6,7 +6,7 @@ rules (who may see and change what, validation, audit) are the canonical ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -52,15 +52,17 @@ async def auth_create(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     data = await read_json(request)
     reject_unknown(data, frozenset({"name", "expiresIn", "permissions"}))
+    keys = request.app[_KEYS]
     canonical: dict[str, Any] = {
+        **keys.inherited(caller),
         "name": data.get("name"),
-        "servers": ["*"],
         "permissions": data.get("permissions", _default_permissions(caller)),
     }
     if data.get("expiresIn") is not None:
         seconds = validate.number(data, "expiresIn", minimum=1, maximum=validate.MAX_EXPIRES_IN)
         canonical["expires_at"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
-    issued = await request.app[_KEYS].create(caller, canonical)
+    with _client_field_names(_AUTH_NAMES):
+        issued = await keys.create(caller, canonical)
     body = _auth_key_json(issued.record, datetime.now(UTC))
     body["key"] = issued.key
     return json_response(body)
@@ -77,9 +79,20 @@ async def auth_delete(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
-def _default_permissions(_caller: Caller) -> list[str]:
-    """Keys made through these routes serve the chat API and MCP (what those systems' keys do)."""
-    return ["mcp", "chat"]
+def _default_permissions(caller: Caller) -> list[str]:
+    """Keys made through these routes serve the chat API and MCP (what those systems' keys do),
+    as far as the calling key holds them itself (a key never makes a broader one)."""
+    wanted = ["mcp", "chat"]
+    if caller.is_admin:
+        return wanted
+    held = [p for p in wanted if p in caller.principal.key.permissions]
+    # Holding neither: keep the default and let the rule refuse it, naming `permissions`,
+    # rather than quietly mint a key that can do nothing.
+    return held or wanted
+
+
+# Errors name the fields as the client sent them.
+_AUTH_NAMES = {"expires_at": "expiresIn"}
 
 
 # --- /{workspace}/admin/api-keys (CMS style: token masked, isActive, validFrom/validTo) ---
@@ -117,15 +130,15 @@ def _cms_caller_workspace(request: web.Request, caller: Caller) -> None:
 
 
 @contextmanager
-def _cms_field_names() -> Iterator[None]:
+def _client_field_names(names: Mapping[str, str]) -> Iterator[None]:
     """Errors name the field as the client sent it (validTo, not expires_at)."""
     try:
         yield
     except ApiError as err:
-        if err.field in _CANONICAL_TO_CMS:
-            err.field = _CANONICAL_TO_CMS[err.field]
-            for canonical, cms in _CANONICAL_TO_CMS.items():
-                err.message = err.message.replace(canonical, cms)
+        if err.field is not None and err.field in names:
+            err.field = names[err.field]
+            for canonical, client in names.items():
+                err.message = err.message.replace(canonical, client)
         raise
 
 
@@ -149,10 +162,11 @@ async def cms_create(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     _cms_caller_workspace(request, caller)
     canonical = _cms_to_canonical(await read_json(request))
-    canonical.setdefault("servers", ["*"])
+    keys = request.app[_KEYS]
+    canonical = {**keys.inherited(caller), **canonical}
     canonical.setdefault("permissions", _default_permissions(caller))
-    with _cms_field_names():
-        issued = await request.app[_KEYS].create(caller, canonical)
+    with _client_field_names(_CANONICAL_TO_CMS):
+        issued = await keys.create(caller, canonical)
     return json_response({"result": issued.key})
 
 
@@ -167,7 +181,7 @@ async def cms_update(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     _cms_caller_workspace(request, caller)
     canonical = _cms_to_canonical(await read_json(request))
-    with _cms_field_names():
+    with _client_field_names(_CANONICAL_TO_CMS):
         key = await request.app[_KEYS].update(caller, request.match_info["id"], canonical)
     return json_response(_cms_key_json(key))
 

@@ -2,7 +2,8 @@
 
 Both the canonical API and the compatibility routes call these; they only translate shapes.
 Rules: a workspace admin manages everything in its workspace; a key with `keys` manages its
-own user's keys; nothing outside the caller's reach is even acknowledged (404, not 403).
+own user's keys, never making one broader than itself (admin.narrowing); nothing outside the
+caller's reach is even acknowledged (404, not 403).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Any
 
 from asyncpg.exceptions import UniqueViolationError
 
-from admin import validate
+from admin import narrowing, validate
 from admin.http import Caller, invalid, reject_unknown
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.keyring import IssuedKey, Keyring
-from gateway.models import ApiKey, User
+from gateway.models import ALL_SERVERS, ApiKey, User
 from gateway.store import LastAdminError, NotFound
 
 KEY_CREATE_FIELDS = frozenset(
@@ -102,6 +103,15 @@ class KeyAdmin:
         perms = fields.get("permissions", ["mcp"])
         self._check_permissions(caller, owner, perms)
         validate.validity(fields.get("valid_from"), fields.get("expires_at"), datetime.now(UTC))
+        if not caller.is_admin:
+            proposed = narrowing.Reach(
+                servers=fields["servers"],
+                permissions=perms,
+                expires_at=fields.get("expires_at"),
+                allowed_cidrs=fields.get("allowed_cidrs"),
+                rate_limit=fields.get("rate_limit"),
+            )
+            narrowing.require_create(caller.principal.key, proposed)
         try:
             return await self._keyring.create_key(
                 caller.actor,
@@ -130,6 +140,8 @@ class KeyAdmin:
             assert owner is not None
             self._check_permissions(caller, owner, fields["permissions"])
         self._check_window(key, fields)
+        if not caller.is_admin:
+            narrowing.require_update(caller.principal.key, key, fields, datetime.now(UTC))
         if not fields:
             return key
         try:
@@ -158,11 +170,31 @@ class KeyAdmin:
             grace = validate.number(
                 data, "grace_seconds", minimum=0, maximum=validate.MAX_GRACE_SECONDS
             )
-        await self._live(caller, key_id)
+        key = await self._live(caller, key_id)
+        if not caller.is_admin:
+            narrowing.require_rotate(caller.principal.key, key)
         try:
             return await self._keyring.rotate_key(caller.actor, key_id, grace_seconds=grace)
         except NotFound:
             raise key_not_found() from None
+
+    def inherited(self, caller: Caller) -> dict[str, Any]:
+        """Bounded fields for routes whose shape cannot name them (the compatibility routes).
+
+        A non-admin caller's new key takes the calling key's own servers, allow-list and rate
+        limit: anything else would be refused as broader, with no field the client could fix.
+        An admin's reaches every server, as those routes always made it.
+        """
+        if caller.is_admin:
+            return {"servers": [ALL_SERVERS]}
+        key = caller.principal.key
+        cidrs = key.allowed_cidrs
+        return {
+            # Only configured names validate; the key reaches no other server anyway.
+            "servers": [s for s in key.servers if s == ALL_SERVERS or s in self._servers],
+            "allowed_cidrs": list(cidrs) if cidrs is not None else None,
+            "rate_limit": dict(key.rate_limit) if key.rate_limit is not None else None,
+        }
 
     # --- helpers ---
 

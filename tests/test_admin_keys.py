@@ -593,9 +593,10 @@ async def test_admin_grants_admin_only_to_admin_users(keystile: Keystile) -> Non
     assert theirs["user"]["id"] == member.id
 
 
-async def test_self_service_key_grants_anything_but_admin(keystile: Keystile) -> None:
-    # `keys` is self-service: a key that only manages keys can mint the user's working keys.
-    _, key = await member_actor(keystile, permissions=["keys"])
+async def test_self_service_key_grants_what_it_holds_but_never_admin(keystile: Keystile) -> None:
+    # `keys` is self-service: a key that manages keys mints the user's working keys, within
+    # what it holds itself (tests/test_key_narrowing.py has the rule field by field).
+    _, key = await member_actor(keystile, permissions=["keys", "mcp", "chat"])
     made = await create(keystile, key, name="k", permissions=["mcp", "chat"])
     assert made["permissions"] == ["mcp", "chat"]
     path = f"/api/keys/{made['id']}"
