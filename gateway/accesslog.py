@@ -8,19 +8,45 @@ second of access lines, never a security or error log line (those go through `lo
 
     2026-11-22T10:15:02Z 10.0.0.7 "POST /mcp-connect/github/mcp" 200 183 1.4ms
 
-Lines never carry headers, so never a key.
+Lines never carry headers, so never a key; and since a careless client may put one in the
+URL (`?api_key=...`), query values whose name sounds like a credential, or that look like a
+Keystile key, are written as `REDACTED`.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import TextIO
+from urllib.parse import unquote
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
 _FLUSH_BYTES = 64 * 1024
+_CREDENTIAL_NAME = re.compile(
+    r"key|token|secret|passw|pwd|auth|credential|session|signature|sig$|code|jwt|bearer", re.I
+)
+_REDACTED = "REDACTED"
+
+
+def redacted_target(raw_target: str) -> str:
+    """The request target with credential-like query values replaced."""
+    path, sep, query = raw_target.partition("?")
+    if not sep:
+        return raw_target
+    params = []
+    for param in query.split("&"):
+        name, eq, value = param.partition("=")
+        if eq and value and _looks_secret(name, value):
+            value = _REDACTED
+        params.append(f"{name}{eq}{value}")
+    return f"{path}?{'&'.join(params)}"
+
+
+def _looks_secret(name: str, value: str) -> bool:
+    return bool(_CREDENTIAL_NAME.search(unquote(name))) or "ks1-" in unquote(value)
 
 
 class AccessLogBuffer:
@@ -68,8 +94,9 @@ class AccessLogger(AbstractAccessLogger):
     """`aiohttp`'s access logger interface, writing into the process's AccessLogBuffer."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        target = redacted_target(request.raw_path)
         BUFFER.append(
-            f'{BUFFER.stamp()} {request.remote} "{request.method} {request.raw_path}" '
+            f'{BUFFER.stamp()} {request.remote} "{request.method} {target}" '
             f"{response.status} {response.body_length} {time * 1000:.1f}ms\n"
         )
 

@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from typing import cast
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accesslog import AccessLogger, flush_access_log
-from gateway.config import Address, Settings
+from gateway.config import Settings
 from gateway.dataplane import DataPlane
+from gateway.listen import (
+    Listening,
+    connection_budget,
+    install_repeat_filter,
+    listen,
+    raise_open_files_limit,
+)
 from gateway.proxy import Forwarder
 from gateway.runtime import Runtime
 
 log = logging.getLogger("keystile")
-
-RUNTIME = web.AppKey("runtime", Runtime)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-BaseHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-# The one handler of an application that routes by itself (see DirectRunner).
-DIRECT_HANDLER: web.AppKey[Handler] = web.AppKey("direct_handler")
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -47,14 +49,20 @@ def _install_log_hygiene() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(MalformedRequestFilter())
+    # Lines an outside event can repeat thousands of times a second.
+    install_repeat_filter("asyncio", "aiohttp.server", "keystile.proxy", "keystile.auth")
 
 
-def create_gateway_app(runtime: Runtime) -> web.Application:
-    """The data plane: one catch-all route, since paths are judged by gateway.paths."""
+@asynccontextmanager
+async def data_plane(
+    runtime: Runtime, *, reuse_port: bool = False, max_connections: int | None = None
+) -> AsyncIterator[Listening]:
+    """The data plane, listening: aiohttp's low-level server handing every request to the
+    DataPlane (paths are judged by gateway.paths, so there is no router to run), with the
+    forwarder, the access-log flusher and the shutdown deadline for open streams."""
     settings = runtime.settings
-    app = web.Application(handler_args={"max_field_size": 16384})
-    app[RUNTIME] = runtime
-    forwarder = Forwarder(settings.gateway, runtime.metrics)
+    gateway = settings.gateway
+    forwarder = Forwarder(gateway, runtime.metrics)
     plane = DataPlane(
         servers=settings.mcp_servers,
         chat=settings.chat,
@@ -66,63 +74,73 @@ def create_gateway_app(runtime: Runtime) -> web.Application:
         throttle=runtime.data_throttle,
         rate_limiter=runtime.rate_limiter,
     )
-
-    async def upstream_session(_: web.Application) -> AsyncIterator[None]:
-        await forwarder.open()
-        yield
+    server = web.Server(plane.handle, max_field_size=16384, **_handler_args(settings))
+    runner = web.ServerRunner(server, shutdown_timeout=gateway.shutdown_timeout)
+    await forwarder.open()
+    flusher = asyncio.create_task(_flush_access_log_every_second())
+    try:
+        listening = await listen(
+            runner,
+            gateway.listen,
+            max_connections=max_connections or gateway.max_connections,
+            reuse_port=reuse_port,
+        )
+        # Draining gives in-flight requests shutdown_timeout; streams (SSE) would never
+        # finish, so they are ended cleanly just before aiohttp would cancel them.
+        listening.on_drain = lambda: asyncio.create_task(
+            _end_streams_before(gateway.shutdown_timeout, forwarder)
+        )
+        try:
+            yield listening
+        finally:
+            await listening.close()
+    finally:
         await forwarder.close()
-
-    deadline: list[asyncio.Task[None]] = []
-
-    async def end_streams_at_deadline(_: web.Application) -> None:
-        # on_shutdown runs when the listeners are closed and in-flight requests get
-        # shutdown_timeout to finish; streams (SSE) would never finish, so end them cleanly
-        # just before the deadline, when aiohttp would cancel them mid-event instead.
-        timeout = settings.gateway.shutdown_timeout
-        delay = max(0.0, timeout - min(0.5, timeout / 2))
-
-        async def later() -> None:
-            await asyncio.sleep(delay)
-            forwarder.end_streams()
-
-        deadline.append(asyncio.create_task(later()))
-
-    async def cancel_deadline(_: web.Application) -> AsyncIterator[None]:
-        yield
-        for task in deadline:
-            task.cancel()
-
-    async def access_log_flusher(_: web.Application) -> AsyncIterator[None]:
-        async def flush_every_second() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                flush_access_log()
-
-        task = asyncio.create_task(flush_every_second())
-        yield
-        task.cancel()
+        flusher.cancel()
         flush_access_log()
 
-    app.cleanup_ctx.append(upstream_session)
-    app.cleanup_ctx.append(cancel_deadline)
-    app.cleanup_ctx.append(access_log_flusher)
-    app.on_shutdown.append(end_streams_at_deadline)
-    app.router.add_route("*", "/{tail:.*}", plane.handle)
-    app[DIRECT_HANDLER] = plane.handle
-    return app
+
+@asynccontextmanager
+async def admin_plane(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False
+) -> AsyncIterator[Listening]:
+    runner = web.AppRunner(
+        app, shutdown_timeout=settings.gateway.shutdown_timeout, **_handler_args(settings)
+    )
+    listening = await listen(
+        runner,
+        settings.admin.listen,
+        max_connections=settings.admin.max_connections,
+        reuse_port=reuse_port,
+    )
+    try:
+        yield listening
+    finally:
+        await listening.close()
 
 
-class DirectRunner(web.AppRunner):
-    """Hands every request straight to the application's DIRECT_HANDLER, past aiohttp's
-    router (a regex match and match-info objects per request): the data plane judges raw
-    paths itself, and its one route would match everything anyway."""
+def _handler_args(settings: Settings) -> dict[str, Any]:
+    """aiohttp's per-connection settings, the same on both planes."""
+    _install_log_hygiene()
+    return {
+        "access_log_class": AccessLogger,
+        # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.
+        "access_log": logging.getLogger("keystile.access") if settings.gateway.access_log else None,
+        # Also the deadline for a request head: aiohttp closes a connection whose head is
+        # still incomplete when it expires, which is what stops slowloris clients.
+        "keepalive_timeout": settings.gateway.keepalive_timeout,
+    }
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # The application's request factory still makes the requests: web.Request objects.
-        handler = cast(BaseHandler, self.app[DIRECT_HANDLER])
-        server.request_handler = handler
-        return server
+
+async def _flush_access_log_every_second() -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        flush_access_log()
+
+
+async def _end_streams_before(drain_seconds: float, forwarder: Forwarder) -> None:
+    await asyncio.sleep(max(0.0, drain_seconds - min(0.5, drain_seconds / 2)))
+    forwarder.end_streams()
 
 
 AppFactory = Callable[[Runtime], web.Application]
@@ -134,31 +152,6 @@ def bound_port(runner: web.AppRunner) -> int:
     """The port a runner's first site listens on (useful when configured as port 0)."""
     address = runner.addresses[0]
     return int(address[1])
-
-
-async def start_site(
-    app: web.Application,
-    address: Address,
-    *,
-    settings: Settings,
-    reuse_port: bool = False,
-) -> web.AppRunner:
-    _install_log_hygiene()
-    runner_class = DirectRunner if DIRECT_HANDLER in app else web.AppRunner
-    runner = runner_class(
-        app,
-        access_log_class=AccessLogger,
-        # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.
-        access_log=logging.getLogger("keystile.access") if settings.gateway.access_log else None,
-        shutdown_timeout=settings.gateway.shutdown_timeout,
-        # Also the deadline for a request head: aiohttp closes a connection whose head is
-        # still incomplete when it expires, which is what stops slowloris clients.
-        keepalive_timeout=settings.gateway.keepalive_timeout,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, reuse_port=reuse_port or None)
-    await site.start()
-    return runner
 
 
 async def serve_until_signalled(
@@ -173,32 +166,34 @@ async def serve_until_signalled(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with runtime_cm as runtime:
+    async with runtime_cm as runtime, contextlib.AsyncExitStack() as planes:
         settings = runtime.settings
-        runners = [
-            await start_site(
-                create_gateway_app(runtime),
-                settings.gateway.listen,
-                settings=settings,
-                reuse_port=reuse_port,
-            ),
-            await start_site(
-                admin_factory(runtime),
-                settings.admin.listen,
-                settings=settings,
-                reuse_port=reuse_port,
-            ),
-        ]
+        admin_connections = settings.admin.max_connections
+        data_connections = connection_budget(
+            settings.gateway.max_connections,
+            admin_connections + settings.database.pool_max_size,
+            raise_open_files_limit(),
+        )
+        if data_connections < settings.gateway.max_connections:
+            log.warning(
+                "gateway.max_connections lowered to %d to fit the open-files limit",
+                data_connections,
+            )
+        gateway = await planes.enter_async_context(
+            data_plane(runtime, reuse_port=reuse_port, max_connections=data_connections)
+        )
+        admin = await planes.enter_async_context(
+            admin_plane(admin_factory(runtime), settings, reuse_port=reuse_port)
+        )
         log.info("gateway on %s, admin on %s", settings.gateway.listen, settings.admin.listen)
         # What exists now lives as long as the process: keep the cyclic collector from
         # walking it on every full collection, and let it run less often under load.
         gc.freeze()
         gc.set_threshold(10_000, 50, 100)
         if ready is not None:
-            await ready(runtime, bound_port(runners[0]), bound_port(runners[1]))
-        try:
-            await stop.wait()
-        finally:
-            log.info("shutting down: draining for up to %ss", settings.gateway.shutdown_timeout)
-            await asyncio.gather(*(runner.cleanup() for runner in runners))
+            await ready(runtime, gateway.port, admin.port)
+        await stop.wait()
+        log.info("shutting down: draining for up to %ss", settings.gateway.shutdown_timeout)
+        # Both planes stop accepting at once and drain side by side.
+        await asyncio.gather(gateway.close(), admin.close())
     log.info("stopped")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway import paths, policy
 from gateway.auth import Authenticator, credential
@@ -15,8 +18,12 @@ from gateway.errors import ApiError, not_found
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
 from gateway.proxy import Forwarder
+from gateway.sse import EndpointRewriter, EndpointTarget
 from gateway.throttle import FailureThrottle, KeyRateLimiter, rate_limited
+from gateway.transform import BodyTransform, TransformFactory
 from gateway.usage import LastUsedRecorder
+
+log = logging.getLogger("keystile.dataplane")
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 _JSON = "application/json"
@@ -50,7 +57,7 @@ class DataPlane:
         self._limiter = rate_limiter
         self._trusted = forwarder.trusted
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         kind = "invalid"
         try:
             route = paths.route(request.raw_path)
@@ -61,10 +68,16 @@ class DataPlane:
             response = ApiError(400, "bad_path", message).response()
         except ApiError as err:
             response = err.response()
+        except Exception:
+            # A bug, not a client's doing: logged with an incident id the answer carries.
+            incident = uuid.uuid4().hex[:12]
+            log.exception("data-plane request failed (incident %s)", incident)
+            message = f"Internal error (incident {incident})."
+            response = ApiError(500, "internal_error", message).response()
         self._metrics.requests[(kind, response.status)] += 1
         return response
 
-    async def _dispatch(self, request: web.Request, route: paths.Route) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, route: paths.Route) -> web.StreamResponse:
         if route.kind == "healthz":
             return _json({"status": "ok"})
         if route.kind == "readyz":
@@ -91,13 +104,13 @@ class DataPlane:
             response = _json(_me(principal, self._server_names))
             response.headers.update(limit_headers or {})
             return response
-        rewrite = None
+        transform = None
         if route.kind == "mcp":
             policy.require_server(principal, route.server, self._server_names)
             upstream = self._servers[route.server]
             url = upstream.url + route.upstream_path
             if request.method == "GET":  # a legacy SSE stream names its POST endpoint
-                rewrite = (upstream.url, f"/mcp-connect/{route.server}")
+                transform = _endpoint_rewrite(EndpointTarget(upstream.url, route.server, url))
         else:
             policy.require_permission(principal, "chat")
             if self._chat is None:
@@ -111,11 +124,11 @@ class DataPlane:
             url,
             identity=_identity(principal),
             extra_headers=upstream.headers,
-            rewrite_endpoint=rewrite,
+            transform=transform,
             response_headers=limit_headers,
         )
 
-    def _client(self, request: web.Request) -> str:
+    def _client(self, request: web.BaseRequest) -> str:
         if not self._trusted:
             return request.remote or ""
         return self._trusted.client(request.remote, request.headers.getall("X-Forwarded-For", ()))
@@ -124,6 +137,15 @@ class DataPlane:
         checks = await self._readiness()
         ready = all(checks.values())
         return _json({"status": "ready" if ready else "not_ready", **checks}, 200 if ready else 503)
+
+
+def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
+    def for_answer(status: int, headers: CIMultiDict[str]) -> BodyTransform | None:
+        if headers.get("Content-Type", "").startswith("text/event-stream"):
+            return EndpointRewriter(target)
+        return None
+
+    return for_answer
 
 
 def _identity(principal: Principal) -> tuple[tuple[str, str], ...]:

@@ -32,10 +32,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "content-length",
     "authorization",
     "x-api-key",
-    "x-keystile-user-id",
-    "x-keystile-key-id",
-    "x-keystile-workspace-id",
 }
+# Every header of this prefix is the gateway's to set: a client's copy never passes.
+_OWNED_PREFIX = "x-keystile-"
 _FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 _RESPONSE_DROP = HOP_BY_HOP
 
@@ -107,7 +106,9 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower in listed:
+        if "_" in lower and _owned_spelling(lower):
+            continue
+        if lower in _REQUEST_DROP or lower in listed or lower.startswith(_OWNED_PREFIX):
             continue
         if lower in _FORWARDED and not trusted_client:
             continue
@@ -125,6 +126,14 @@ def upstream_request_headers(
     for name, value in extra.items():
         out[name] = value
     return out
+
+
+def _owned_spelling(name: str) -> bool:
+    """CGI and WSGI servers fold `-` and `_` into one variable (X_Keystile_User_Id and
+    X-Keystile-User-Id both become HTTP_X_KEYSTILE_USER_ID): an underscore spelling of a
+    header the gateway owns or drops would reach such an upstream as the real thing."""
+    folded = name.replace("_", "-")
+    return folded in _REQUEST_DROP or folded in _FORWARDED or folded.startswith(_OWNED_PREFIX)
 
 
 def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway.config import GatewaySettings
@@ -25,7 +26,7 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.metrics import Metrics
-from gateway.sse import EndpointRewriter
+from gateway.transform import BodyTransform, StreamRefused, TransformFactory
 from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.watchdog import Watch, Watchdog
 
@@ -43,6 +44,10 @@ class BodyTooLarge(Exception):
 
 class BodyStalled(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client went away while its request body was being read."""
 
 
 def upstream_timeout() -> ApiError:
@@ -84,16 +89,16 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         url: str,
         *,
         identity: Iterable[tuple[str, str]],
         extra_headers: Mapping[str, str],
-        rewrite_endpoint: tuple[str, str] | None = None,
+        transform: TransformFactory | None = None,
         response_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        """Forward `request` to `url`. `rewrite_endpoint` = (upstream url, gateway prefix)
-        turns a legacy SSE `endpoint` event into a path through the gateway."""
+        """Forward `request` to `url`. `transform`, if given, may rewrite the answer's body
+        (see gateway.transform)."""
         limit = self._settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -107,23 +112,25 @@ class Forwarder:
             identity=identity,
             extra=extra_headers,
         )
-        data = await self._request_body(request, length, limit)
+        try:
+            data = await self._request_body(request, length, limit)
+        except ClientGone:
+            return _client_gone()
         watch = self._watchdog.watch(request)
         try:
             upstream = await self._send(request, url, headers, data, watch)
             if isinstance(upstream, web.StreamResponse):
                 return upstream
             async with upstream:
-                rewriter = None
-                if rewrite_endpoint is not None and _is_event_stream(upstream):
-                    rewriter = EndpointRewriter(*rewrite_endpoint)
-                return await self._stream_back(request, upstream, rewriter, response_headers, watch)
+                return await self._stream_back(
+                    request, upstream, transform, response_headers, watch
+                )
         finally:
             self._watchdog.release(watch)
 
     async def _send(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         url: str,
         headers: CIMultiDict[str],
         data: bytes | LimitedBody | None,
@@ -144,6 +151,8 @@ class Forwarder:
             )
         except BodyStalled:
             raise body_timeout() from None
+        except ClientGone:
+            return _client_gone()
         except BodyTooLarge:
             raise too_large(self._settings.max_body_bytes) from None
         except UpstreamError as exc:
@@ -180,7 +189,7 @@ class Forwarder:
         )
 
     async def _request_body(
-        self, request: web.Request, length: int | None, limit: int
+        self, request: web.BaseRequest, length: int | None, limit: int
     ) -> bytes | LimitedBody | None:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
@@ -199,29 +208,33 @@ class Forwarder:
                     return await request.read()
             except TimeoutError:
                 raise body_timeout() from None
-        return LimitedBody(request.content, limit, self._settings.body_timeout)
+            except (ConnectionError, HttpProcessingError):  # the client left mid-upload
+                raise ClientGone from None
+        settings = self._settings
+        return LimitedBody(request.content, limit, settings.body_timeout, settings.body_min_rate)
 
     async def _stream_back(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream: UpstreamResponse,
-        rewriter: EndpointRewriter | None,
+        transform: TransformFactory | None,
         extra: Mapping[str, str] | None,
         watch: Watch,
     ) -> web.StreamResponse:
         headers = downstream_response_headers(upstream.headers)
         if extra:
             headers.update(extra)
+        body_transform = transform(upstream.status, headers) if transform is not None else None
         length = upstream.content_length
         if (
-            rewriter is None
+            body_transform is None
             and length is not None
             and length <= _SMALL_BODY
             and request.method != "HEAD"
             and upstream.status not in (204, 304)
         ):
             return await self._small_answer(upstream, headers, watch)
-        if rewriter is not None:
+        if body_transform is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason or None, headers=headers
@@ -233,9 +246,16 @@ class Forwarder:
         self._streams.add(upstream)
         try:
             await response.prepare(request)
-            await _pump(upstream, response, rewriter, watch, self._watchdog)
+            await _pump(upstream, response, body_transform, watch, self._watchdog)
+            await response.write_eof()
         except ConnectionResetError:
             return response  # the client went away
+        except StreamRefused as exc:
+            # Headers are out: cut the connection, so the client never completes the event.
+            self._metrics.upstream_errors += 1
+            log.warning("refused an upstream stream: %s", exc)
+            _abort(request)
+            return response
         except UpstreamError as exc:
             if watch.reason == "client":
                 return response  # leaving `async with` in forward() releases the upstream
@@ -252,27 +272,38 @@ class Forwarder:
             return response
         finally:
             self._streams.discard(upstream)
-        await response.write_eof()
         return response
 
 
 class LimitedBody:
     """A streamed request body that stops the upload once it passes `limit` bytes
-    (BodyTooLarge) or once no chunk arrived for `stall` seconds (BodyStalled)."""
+    (BodyTooLarge), or once no chunk arrived for `stall` seconds (BodyStalled). With a
+    `min_rate`, every window of `stall` seconds must also bring at least `min_rate` bytes a
+    second: a body trickled a byte at a time would otherwise hold its upstream connection
+    for as long as the client likes."""
 
-    def __init__(self, content: StreamReader, limit: int, stall: float) -> None:
+    def __init__(self, content: StreamReader, limit: int, stall: float, min_rate: int) -> None:
         self._content = content
         self._limit = limit
         self._stall = stall
+        self._window_need = int(min_rate * stall)
         self.on_complete: Callable[[], None] | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
         total = 0
+        window_end, window_bytes = loop.time() + self._stall, 0
         while True:
+            wait = self._stall if not self._window_need else max(0.0, window_end - loop.time())
             try:
-                chunk = await asyncio.wait_for(self._content.readany(), self._stall)
+                chunk = await asyncio.wait_for(self._content.readany(), wait)
             except TimeoutError:
-                raise BodyStalled from None
+                if not self._window_need or window_bytes < self._window_need:
+                    raise BodyStalled from None
+                window_end, window_bytes = window_end + self._stall, 0
+                continue
+            except (ConnectionError, HttpProcessingError):  # the client left mid-upload
+                raise ClientGone from None
             if not chunk:
                 if self.on_complete is not None:
                     self.on_complete()
@@ -280,13 +311,18 @@ class LimitedBody:
             total += len(chunk)
             if total > self._limit:
                 raise BodyTooLarge
+            window_bytes += len(chunk)
+            if self._window_need and loop.time() >= window_end:
+                if window_bytes < self._window_need:
+                    raise BodyStalled
+                window_end, window_bytes = loop.time() + self._stall, 0
             yield chunk
 
 
 async def _pump(
     upstream: UpstreamResponse,
     response: web.StreamResponse,
-    rewriter: EndpointRewriter | None,
+    transform: BodyTransform | None,
     watch: Watch,
     watchdog: Watchdog,
 ) -> None:
@@ -295,11 +331,11 @@ async def _pump(
     async for chunk in upstream.iter_chunks():
         if watch_idle:
             watch.last_active = watchdog.now()
-        if rewriter is not None:
-            chunk = rewriter.feed(chunk)
+        if transform is not None:
+            chunk = transform.feed(chunk)
         if chunk:
             await response.write(chunk)
-    if rewriter is not None and (rest := rewriter.flush()):
+    if transform is not None and (rest := transform.flush()):
         await response.write(rest)
 
 
@@ -317,16 +353,12 @@ def _client_gone() -> web.Response:
     return web.Response(status=499)
 
 
-def _is_event_stream(upstream: UpstreamResponse) -> bool:
-    return upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-
-
 async def _end_quietly(response: web.StreamResponse) -> None:
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write_eof()
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()

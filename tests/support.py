@@ -15,7 +15,7 @@ from aiohttp import web
 from yarl import URL
 
 from admin.api import create_admin_app
-from gateway.app import bound_port, create_gateway_app, start_site
+from gateway.app import admin_plane, bound_port, data_plane
 from gateway.config import Address, Secret, Settings, UpstreamSettings, load_settings
 from gateway.keyring import IssuedKey
 from gateway.models import User
@@ -89,17 +89,23 @@ async def start_upstream() -> Upstream:
         await response.prepare(request)
         chunk = b"x" * 65536
         sent = 0
-        while sent < size:
-            piece = chunk[: size - sent]
-            await response.write(piece)
-            sent += len(piece)
-        await response.write_eof()
+        try:
+            while sent < size:
+                piece = chunk[: size - sent]
+                await response.write(piece)
+                sent += len(piece)
+            await response.write_eof()
+        except ConnectionError:  # the gateway abandoned the answer (its client left)
+            pass
         return response
 
     async def upload(request: web.Request) -> web.StreamResponse:
         total = 0
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
+        try:
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+        except ConnectionError:  # the gateway dropped the upload: nothing to answer
+            return web.Response(status=499)
         _record(request, seen, b"")
         return web.json_response({"received": total})
 
@@ -234,24 +240,14 @@ class Keystile:
 
 @asynccontextmanager
 async def start_keystile(settings: Settings, database_url: str) -> AsyncIterator[Keystile]:
-    async with open_runtime(settings, database_url) as runtime:
-        gateway = await start_site(
-            create_gateway_app(runtime),
-            settings.gateway.listen,
-            settings=settings,
-        )
-        admin = await start_site(
-            create_admin_app(runtime), settings.admin.listen, settings=settings
-        )
+    async with (
+        open_runtime(settings, database_url) as runtime,
+        data_plane(runtime) as gateway,
+        admin_plane(create_admin_app(runtime), settings) as admin,
+    ):
         workspace = await runtime.keyring.ensure_workspace("default")
-        try:
-            async with aiohttp.ClientSession(auto_decompress=False) as http:
-                yield Keystile(
-                    runtime, bound_port(gateway), bound_port(admin), http, Actor(workspace.id)
-                )
-        finally:
-            await gateway.cleanup()
-            await admin.cleanup()
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            yield Keystile(runtime, gateway.port, admin.port, http, Actor(workspace.id))
 
 
 class FaultyProxy:

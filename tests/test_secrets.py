@@ -166,6 +166,9 @@ async def run_scenario(ks: Keystile, upstream: Upstream, log: Transcript) -> Non
     ] == 200
     assert (await gateway_call(ks, log, "GET", "/mcp-connect/github/y", headers=bearer))[0] == 200
     assert (await gateway_call(ks, log, "GET", "/api/v1/chat", headers=bearer))[0] == 200
+    # A careless client puts its key in the URL too: it must not reach the access log.
+    me_with_key_in_url = f"/api/me?api_key={mine['key']}&page=1"
+    assert (await gateway_call(ks, log, "GET", me_with_key_in_url, headers=bearer))[0] == 200
 
     # Bad ones: wrong secret, garbage, no key, wrong scope, unknown route, too big, dead upstream.
     forged = keys.generate(mine["user_id"], mine["id"]).full
@@ -245,6 +248,7 @@ async def test_no_secret_reaches_logs_errors_metrics_or_the_database(
 
     access = access_lines.getvalue().splitlines()
     assert any('"GET /api/me"' in line for line in access)  # the access log was on
+    assert any("/api/me?api_key=REDACTED&page=1" in line for line in access)
     for line in access:
         assert not leaks(line, log), line
     records = caplog.records
