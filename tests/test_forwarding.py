@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
 import ssl
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,40 @@ from aiohttp import web
 
 from gateway.config import Settings, UpstreamSettings
 from gateway.keyring import IssuedKey
-from tests.support import Keystile, Upstream, make_settings, start_keystile
+from tests.support import DEADLINE, Keystile, Upstream, make_settings, start_keystile
 
 
 def only_server(name: str, url: str, **sections: Any) -> Settings:
     """Test settings whose one MCP server is `name`, at `url`."""
     return replace(make_settings(**sections), mcp_servers={name: UpstreamSettings(url=url)})
+
+
+@asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """An upstream on 127.0.0.1 answering every request with `handler`; yields its origin."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def never_answered() -> AsyncIterator[asyncio.Event]:
+    """An event an upstream handler can wait on for as long as the test runs: only the
+    gateway's own timer can end such an exchange, however slow the machine."""
+    release = asyncio.Event()
+    try:
+        yield release
+    finally:
+        release.set()
 
 
 async def a_key(keystile: Keystile, permissions: tuple[str, ...] = ("mcp", "chat")) -> IssuedKey:
@@ -225,33 +253,62 @@ async def test_unreachable_upstream_is_502(database_url: str) -> None:
     assert set(body) == {"error", "message"}
 
 
-async def test_upstream_slower_than_response_timeout_is_504(
-    database_url: str, upstream: Upstream
-) -> None:
-    settings = make_settings(upstream, gateway={"response_timeout": 0.3})
-    async with start_keystile(settings, database_url) as ks:
-        issued = await a_key(ks)
-        status, _, body = await ks.request("GET", "/api/v1/slow?seconds=1.5", issued.key)
-    assert status == 504 and body["error"] == "upstream_timeout"
+async def test_upstream_slower_than_response_timeout_is_504(database_url: str) -> None:
+    async with never_answered() as release:
+        arrived = asyncio.Event()
+
+        async def silent(request: web.Request) -> web.StreamResponse:
+            arrived.set()
+            await release.wait()
+            return web.json_response({"late": True})
+
+        async with serving(silent) as origin:
+            settings = replace(
+                make_settings(gateway={"response_timeout": 0.3}), chat=UpstreamSettings(url=origin)
+            )
+            async with start_keystile(settings, database_url) as ks:
+                issued = await a_key(ks)
+                status, _, body = await ks.request("GET", "/api/v1/slow", issued.key)
+                assert status == 504 and body["error"] == "upstream_timeout"
+                assert arrived.is_set()  # it reached the upstream, which never answered
 
 
-async def test_sse_events_arrive_spread_out_not_at_the_end(
-    keystile: Keystile, upstream: Upstream
-) -> None:
-    issued = await a_key(keystile)
-    arrivals: list[float] = []
-    url = keystile.gateway + "/mcp-connect/gitlab/sse"
-    headers = {"Authorization": f"Bearer {issued.key}", "Accept": "text/event-stream"}
-    async with keystile.http.get(url + "?count=5&delay=0.2", headers=headers) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"] == "text/event-stream"
-        async for line in resp.content:
-            if line.startswith(b"data:"):
-                arrivals.append(time.monotonic())
-    assert len(arrivals) == 5
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    # Produced 200 ms apart: each must arrive well after the previous, not in one burst.
-    assert all(gap > 0.1 for gap in gaps), gaps
+async def test_sse_events_arrive_as_they_are_produced_not_buffered(database_url: str) -> None:
+    """The upstream writes event n+1 only once the test has read event n through the gateway:
+    a gateway that held events back would deadlock here (and fail at the deadline)."""
+    count = 5
+    delivered: asyncio.Queue[int] = asyncio.Queue()  # the test tells the upstream: got n
+    produced: list[int] = []
+
+    async def handshake(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(count):
+            if n:
+                await delivered.get()
+            await response.write(f"id: {n}\ndata: {json.dumps({'n': n})}\n\n".encode())
+            produced.append(n)
+        await response.write_eof()
+        return response
+
+    received: list[int] = []
+    async with serving(handshake) as origin:
+        settings = only_server("events", f"{origin}/mcp")
+        async with start_keystile(settings, database_url) as ks:
+            issued = await a_key(ks)
+            url = ks.gateway + "/mcp-connect/events/sse"
+            headers = {"Authorization": f"Bearer {issued.key}", "Accept": "text/event-stream"}
+            async with asyncio.timeout(DEADLINE), ks.http.get(url, headers=headers) as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Type"] == "text/event-stream"
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        n = json.loads(line.removeprefix(b"data:"))["n"]
+                        # Here before the upstream could write the next event.
+                        assert produced == list(range(n + 1)), (n, produced)
+                        received.append(n)
+                        delivered.put_nowait(n)
+    assert received == list(range(count))
 
 
 async def test_ten_mib_response_streams_through(keystile: Keystile) -> None:
@@ -274,7 +331,7 @@ async def test_upstream_reset_mid_stream_cuts_the_client(keystile: Keystile) -> 
             url, headers={"Authorization": f"Bearer {issued.key}"}
         ) as resp:
             assert resp.status == 200
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(DEADLINE):
                 async for chunk in resp.content.iter_any():
                     received += chunk
     assert received.startswith(b"data: first")
@@ -304,50 +361,53 @@ async def test_health_endpoints(keystile: Keystile) -> None:
     assert status == 200 and body["store"] is True
 
 
-async def test_a_stream_silent_past_stream_idle_timeout_is_cut(
-    database_url: str, upstream: Upstream
-) -> None:
-    settings = make_settings(upstream, gateway={"stream_idle_timeout": 0.5})
-    async with start_keystile(settings, database_url) as ks:
-        issued = await a_key(ks)
-        url = ks.gateway + "/mcp-connect/gitlab/sse?count=3&delay=3"
-        received = b""
-        with pytest.raises(aiohttp.ClientPayloadError):
-            async with ks.http.get(url, headers={"Authorization": f"Bearer {issued.key}"}) as resp:
-                assert resp.status == 200
-                async with asyncio.timeout(10):
-                    async for chunk in resp.content.iter_any():
-                        received += chunk
-        assert received.startswith(b"id: 0")  # the first event came through, then silence
-        assert ks.runtime.metrics.upstream_errors == 1
+async def test_a_stream_silent_past_stream_idle_timeout_is_cut(database_url: str) -> None:
+    async with never_answered() as release:
+
+        async def falls_silent(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b"id: 0\ndata: first\n\n")
+            await release.wait()  # then silence, for as long as the test runs
+            return response
+
+        async with serving(falls_silent) as origin:
+            settings = only_server("quiet", f"{origin}/mcp", gateway={"stream_idle_timeout": 0.5})
+            async with start_keystile(settings, database_url) as ks:
+                issued = await a_key(ks)
+                url = ks.gateway + "/mcp-connect/quiet/sse"
+                received = b""
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async with ks.http.get(
+                        url, headers={"Authorization": f"Bearer {issued.key}"}
+                    ) as resp:
+                        assert resp.status == 200
+                        async with asyncio.timeout(DEADLINE):
+                            async for chunk in resp.content.iter_any():
+                                received += chunk
+                assert received == b"id: 0\ndata: first\n\n"  # the event came, then the cut
+                assert ks.runtime.metrics.upstream_errors == 1
 
 
 async def test_upstream_that_stalls_its_announced_body_is_504(database_url: str) -> None:
-    async def stall(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "application/json"})
-        response.content_length = 100
-        await response.prepare(request)
-        await response.write(b'{"partial":')
-        await asyncio.sleep(5)
-        return response
+    async with never_answered() as release:
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", stall)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    settings = only_server(
-        "stall", f"http://127.0.0.1:{port}/mcp", gateway={"response_timeout": 0.5}
-    )
-    try:
-        async with start_keystile(settings, database_url) as ks:
-            issued = await a_key(ks)
-            status, _, body = await ks.request("POST", "/mcp-connect/stall/", issued.key, json={})
-        assert status == 504 and body["error"] == "upstream_timeout"
-    finally:
-        await runner.cleanup()
+        async def stall(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 100
+            await response.prepare(request)
+            await response.write(b'{"partial":')
+            await release.wait()  # the rest never comes while the test runs
+            return response
+
+        async with serving(stall) as origin:
+            settings = only_server("stall", f"{origin}/mcp", gateway={"response_timeout": 0.5})
+            async with start_keystile(settings, database_url) as ks:
+                issued = await a_key(ks)
+                status, _, body = await ks.request(
+                    "POST", "/mcp-connect/stall/", issued.key, json={}
+                )
+            assert status == 504 and body["error"] == "upstream_timeout"
 
 
 async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
@@ -355,9 +415,11 @@ async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
 ) -> None:
     """Nobody waits for an answer no one will read: the upstream connection is closed."""
     upstream_closed = asyncio.Event()
+    request_arrived = asyncio.Event()
 
     async def thinking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        request_arrived.set()
         if await reader.read() == b"":  # no answer is ever sent; wait for the gateway's EOF
             upstream_closed.set()
         writer.close()
@@ -374,9 +436,10 @@ async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
                 b"Authorization: Bearer " + issued.key.encode() + b"\r\n\r\n"
             )
             await writer.drain()
-            await asyncio.sleep(0.3)  # the request is upstream by now
+            async with asyncio.timeout(DEADLINE):
+                await request_arrived.wait()  # the request is upstream
             writer.close()
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(DEADLINE):
                 await upstream_closed.wait()
             assert ks.runtime.metrics.upstream_errors == 0  # the client left: not a failure
     finally:
@@ -397,7 +460,7 @@ async def test_expect_100_continue_is_answered_only_once_the_key_is_good(
             b"POST /mcp-connect/github/ HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n"
             b"Expect: 100-continue\r\nAuthorization: Bearer " + key.encode() + b"\r\n\r\n"
         )
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEADLINE):
             first = await reader.readuntil(b"\r\n\r\n")
         return first, reader, writer
 
@@ -408,7 +471,7 @@ async def test_expect_100_continue_is_answered_only_once_the_key_is_good(
     interim, reader, writer = await post_holding_back_the_body(issued.key)
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b'{"a":1}')
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(DEADLINE):
         final = await reader.readuntil(b"\r\n\r\n")
     assert final.startswith(b"HTTP/1.1 200 ")
     assert upstream.seen[-1]["body"] == '{"a":1}'
