@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
+
+from tests.support import DEADLINE, wait_until
 
 
 def free_port() -> int:
@@ -72,10 +72,12 @@ class ServeProcess:
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    async def wait_ready(self, within: float = 30.0) -> dict[str, object]:
-        deadline = time.monotonic() + within
+    async def wait_ready(self, within: float = DEADLINE) -> dict[str, object]:
+        """Poll /readyz until it answers 200 (its JSON returned); fail early if the process
+        exits. `within` only turns a process that never gets ready into a failure."""
         async with aiohttp.ClientSession() as http:
-            while True:
+
+            async def ready() -> dict[str, object] | None:
                 assert self.proc.poll() is None, f"exited early: {self.stderr()}"
                 try:
                     async with http.get(f"{self.gateway}/readyz") as resp:
@@ -84,8 +86,12 @@ class ServeProcess:
                             return body
                 except aiohttp.ClientError:
                     pass
-                assert time.monotonic() < deadline, f"never ready: {self.stderr()}"
-                await asyncio.sleep(0.1)
+                return None
+
+            body: dict[str, object] = await wait_until(
+                ready, within=within, interval=0.1, message=lambda: f"never ready: {self.stderr()}"
+            )
+            return body
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
