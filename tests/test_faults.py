@@ -8,7 +8,7 @@ import itertools
 import json
 import signal
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,14 @@ import asyncpg
 import pytest
 
 from tests.processes import ServeProcess, keystile_cli
-from tests.support import DEADLINE, Keystile, wait_until
+from tests.support import (
+    DEADLINE,
+    Keystile,
+    Upstream,
+    make_settings,
+    start_keystile,
+    wait_until,
+)
 
 
 async def admin_key(ks: Keystile) -> str:
@@ -28,20 +35,30 @@ async def admin_key(ks: Keystile) -> str:
     return issued.key
 
 
+@pytest.fixture
+async def patient_keystile(database_url: str, upstream: Upstream) -> AsyncIterator[Keystile]:
+    """Keystile whose statements may wait as long as a test holds them: only the test, never
+    statement_timeout, ends a change it holds."""
+    settings = make_settings(upstream, database={"statement_timeout": 600.0})
+    async with start_keystile(settings, database_url) as ks:
+        yield ks
+
+
 async def test_database_backend_killed_mid_change_leaves_nothing_half_written(
-    keystile: Keystile, database_url: str
+    patient_keystile: Keystile, database_url: str
 ) -> None:
+    keystile = patient_keystile
     key = await admin_key(keystile)
     member = await keystile.user(servers=["*"])
     target = await keystile.key(member, name="before")
     conn = await asyncpg.connect(database_url)
     try:
         # Hold the change inside its transaction (after the UPDATE, at the audit insert) so
-        # the backend running it can be killed there.
+        # the backend running it can be killed there; nothing else ends the hold.
         await conn.execute(
             """
             CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$;
+            BEGIN PERFORM pg_sleep(600); RETURN NEW; END $$;
             CREATE TRIGGER hold BEFORE INSERT ON audit_events FOR EACH ROW
             WHEN (NEW.action = 'key.update') EXECUTE FUNCTION hold();
             """
