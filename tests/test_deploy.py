@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -311,11 +310,11 @@ def running(command: Sequence[str], env: Mapping[str, str], cwd: Path) -> Iterat
         process.stop()
 
 
-async def wait_for(url: str, process: Process, within: float = 30.0) -> dict[str, Any]:
+async def wait_for(url: str, process: Process, within: float = DEADLINE) -> dict[str, Any]:
     """Poll `url` until it answers 200 with JSON, failing early if the process exits."""
-    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as http:
-        while True:
+
+        async def answered() -> dict[str, Any] | None:
             assert process.proc.poll() is None, f"exited early: {process.stderr()}"
             try:
                 async with http.get(url) as resp:
@@ -324,8 +323,15 @@ async def wait_for(url: str, process: Process, within: float = 30.0) -> dict[str
                         return body
             except aiohttp.ClientError:
                 pass
-            assert time.monotonic() < deadline, f"{url} never answered 200: {process.stderr()}"
-            await asyncio.sleep(0.1)
+            return None
+
+        body: dict[str, Any] = await wait_until(
+            answered,
+            within=within,
+            interval=0.1,
+            message=lambda: f"{url} never answered 200: {process.stderr()}",
+        )
+        return body
 
 
 async def run(
