@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import compat, page, validate
+from admin.discovery import DiscoveryFailed, ToolDiscovery
 from admin.http import (
     RUNTIME,
     TRUSTED,
@@ -20,11 +21,13 @@ from admin.http import (
 from admin.openapi import openapi_document
 from admin.service import KeyAdmin, UserAdmin
 from gateway import policy
+from gateway.errors import ApiError, not_found
 from gateway.headers import TrustedProxies
 from gateway.models import ApiKey, User, iso
 from gateway.runtime import Runtime
 
 KEYS = web.AppKey("key_admin", KeyAdmin)
+DISCOVERY = web.AppKey("tool_discovery", ToolDiscovery)
 USERS = web.AppKey("user_admin", UserAdmin)
 ADMIN_BODY_LIMIT = 1024 * 1024
 
@@ -163,6 +166,13 @@ async def put_user_servers(request: web.Request) -> web.Response:
     return json_response(user.to_json())
 
 
+async def put_user_tools(request: web.Request) -> web.Response:
+    caller = await authenticate(request)
+    data = await read_json(request)
+    user = await request.app[USERS].set_tools(caller, request.match_info["id"], data)
+    return json_response(user.to_json())
+
+
 async def list_servers(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     configured = request.app[RUNTIME].settings.mcp_servers
@@ -170,6 +180,19 @@ async def list_servers(request: web.Request) -> web.Response:
     return json_response(
         [{"name": name, "granted": name in reachable} for name in sorted(configured)]
     )
+
+
+async def list_server_tools(request: web.Request) -> web.Response:
+    caller = await authenticate(request)
+    name = request.match_info["name"]
+    configured = request.app[RUNTIME].settings.mcp_servers
+    if name not in policy.user_servers(caller.principal.user, configured):
+        raise not_found("No such server.")  # unknown and unreachable alike: names do not leak
+    try:
+        found = await request.app[DISCOVERY].tools(name)
+    except DiscoveryFailed:
+        raise ApiError(502, "bad_gateway", "The server could not be reached.") from None
+    return json_response(found.to_json())
 
 
 async def list_audit(request: web.Request) -> web.Response:
@@ -223,6 +246,7 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     servers = runtime.settings.mcp_servers
     app[KEYS] = KeyAdmin(runtime.keyring, servers)
     app[USERS] = UserAdmin(runtime.keyring, servers)
+    app[DISCOVERY] = ToolDiscovery(servers, timeout=runtime.settings.mcp.discovery_timeout_seconds)
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics)
@@ -241,7 +265,9 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     r.add_patch("/api/users/{id}", patch_user)
     r.add_delete("/api/users/{id}", delete_user)
     r.add_put("/api/users/{id}/servers", put_user_servers)
+    r.add_put("/api/users/{id}/tools", put_user_tools)
     r.add_get("/api/servers", list_servers)
+    r.add_get("/api/servers/{name}/tools", list_server_tools)
     r.add_get("/api/audit", list_audit)
     compat.add_routes(app, app[KEYS])
     page.add_routes(app)

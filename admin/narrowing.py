@@ -22,6 +22,7 @@ from typing import Any
 
 from admin.http import invalid
 from gateway.errors import ApiError
+from gateway.mcp.patterns import compile_rule
 from gateway.models import ALL_SERVERS, ApiKey, iso
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -36,10 +37,18 @@ class Reach:
     expires_at: datetime | None = None
     allowed_cidrs: Sequence[str] | None = None
     rate_limit: Mapping[str, int] | None = None
+    tools: Sequence[str] | None = None
 
     @classmethod
     def of(cls, key: ApiKey) -> Reach:
-        return cls(key.servers, key.permissions, key.expires_at, key.allowed_cidrs, key.rate_limit)
+        return cls(
+            key.servers,
+            key.permissions,
+            key.expires_at,
+            key.allowed_cidrs,
+            key.rate_limit,
+            key.tools,
+        )
 
     def changed(self, changes: Mapping[str, Any]) -> Reach:
         """This reach with a change's bounded fields applied; other fields are not its concern."""
@@ -102,6 +111,30 @@ def rate_within(proposed: Mapping[str, int] | None, bound: Mapping[str, int] | N
     )
 
 
+def tools_within(proposed: Sequence[str] | None, bound: Sequence[str] | None) -> bool:
+    """Sound, not complete: proposed ⊆ bound whenever this says so. The proposal repeats
+    every exclusion of the bound, and each of its inclusions is one of the bound's own, or a
+    plain tool name (no `*`) that the bound's inclusions admit."""
+    if bound is None:
+        return True
+    if proposed is None:
+        return False
+    if not proposed:
+        return True  # an empty list allows no tool: within anything
+    if not bound:
+        return False  # the bound allows no tool
+    if not {p for p in bound if p.startswith("!")} <= set(proposed):
+        return False
+    bound_in = [p for p in bound if not p.startswith("!")]
+    if not bound_in:
+        return True  # the bound is everything but its exclusions, which the proposal repeats
+    proposed_in = [p for p in proposed if not p.startswith("!")]
+    if not proposed_in:
+        return False  # everything but some exclusions: broader than the bound's inclusions
+    admits = compile_rule(tuple(bound_in))
+    return all(p in bound_in or ("*" not in p and admits.allows(p)) for p in proposed_in)
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     field: str
@@ -139,6 +172,13 @@ RULES = (
         "must be set and no looser (in requests, or per second) than the calling key's",
         _rate,
     ),
+    Rule(
+        "tools",
+        tools_within,
+        "must be set and within the calling key's tools (its exclusions repeated, its patterns"
+        " or plain tool names they admit)",
+        _names,
+    ),
 )
 BOUNDED = tuple(rule.field for rule in RULES)
 _BY_FIELD = {rule.field: rule for rule in RULES}
@@ -160,6 +200,23 @@ def _refusal(field: str, caller: ApiKey, why: str = "") -> ApiError:
 
 
 # --- the checks the admin service makes for a caller that is not a workspace admin ---
+
+
+def inherited_bounds(caller: ApiKey) -> dict[str, Any]:
+    """The calling key's own limits, for a new key whose request leaves them out."""
+    reach = Reach.of(caller)
+    inherited: dict[str, Any] = {}
+    for field in ("expires_at", "allowed_cidrs", "rate_limit", "tools"):
+        value = getattr(reach, field)
+        if value is not None:
+            inherited[field] = (
+                list(value)
+                if isinstance(value, tuple)
+                else dict(value)
+                if isinstance(value, Mapping)
+                else value
+            )
+    return inherited
 
 
 def require_create(caller: ApiKey, proposed: Reach) -> None:

@@ -107,6 +107,17 @@ SERVERS: Schema = _array(
     examples=[[ALL_SERVERS], ["github", "gitlab"]],
 )
 PERMISSION_LIST: Schema = _array(_ref("Permission"))
+TOOLS: Schema = _nullable(
+    _array(
+        STRING,
+        description=(
+            'Tool patterns "<server>/<tool>": `*` matches any run of characters (`/` included), '
+            "a leading `!` excludes. A list of only exclusions starts from every tool; an empty "
+            "list allows none. null: every tool of the servers in scope."
+        ),
+        examples=[["github/search_*", "!github/delete_*"]],
+    )
+)
 WINDOW_NOTE = (
     "ISO 8601; a trailing Z is fine and a timestamp without an offset is taken as UTC. "
     "null: no bound."
@@ -134,6 +145,10 @@ KEY_FIELD_SCHEMAS: dict[str, Schema] = {
     "rate_limit": _nullable(_ref("RateLimit")),
     "allowed_cidrs": _nullable(_array(STRING, examples=[["10.0.0.0/8", "2001:db8::/32"]])),
     "is_active": {**BOOLEAN, "description": "false: disabled (reversible). Default true."},
+    "tools": {
+        **TOOLS,
+        "description": "Which tools the key may call (SPEC §6). " + str(TOOLS["description"]),
+    },
 }
 
 USER_FIELD_SCHEMAS: dict[str, Schema] = {
@@ -147,6 +162,11 @@ USER_FIELD_SCHEMAS: dict[str, Schema] = {
     "role": {**_ref("Role"), "description": 'Default "member".'},
     "servers": {**SERVERS, "description": "The user's server grants; default [] (none)."},
     "is_active": {**BOOLEAN, "description": "false stops every key of the user at once."},
+    "tools": {
+        **TOOLS,
+        "description": "Which tools the user's keys may call; must stay null for an admin. "
+        + str(TOOLS["description"]),
+    },
 }
 
 ROTATE_FIELD_SCHEMAS: dict[str, Schema] = {
@@ -235,6 +255,7 @@ def _response_schemas() -> dict[str, Schema]:
                 "revoked_at": _nullable(TIMESTAMP),
                 "rate_limit": _nullable(_ref("RateLimit")),
                 "allowed_cidrs": _nullable(_array(STRING)),
+                "tools": TOOLS,
                 "user": _ref("KeyOwner"),
             }
         ),
@@ -255,7 +276,21 @@ def _response_schemas() -> dict[str, Schema]:
                 "role": _ref("Role"),
                 "is_active": BOOLEAN,
                 "servers": SERVERS,
+                "tools": TOOLS,
                 "created_at": TIMESTAMP,
+            }
+        ),
+        "ServerTools": _record(
+            {
+                "server": STRING,
+                "tools": _array(
+                    _record({"name": STRING, "description": _nullable(STRING)}),
+                    description="As the server lists them (tools/list, every page).",
+                ),
+                "fetched_at": {
+                    **TIMESTAMP,
+                    "description": "When the server was asked; answers are kept 60 s.",
+                },
             }
         ),
         "Server": _record(
@@ -311,6 +346,7 @@ def _request_schemas() -> dict[str, Schema]:
         "UserServers": _object(
             _pick(USER_FIELD_SCHEMAS, {"servers"}), required=["servers"], closed=True
         ),
+        "UserTools": _object(_pick(USER_FIELD_SCHEMAS, {"tools"}), required=["tools"], closed=True),
     }
 
 
@@ -410,6 +446,7 @@ ERRORS: dict[int, tuple[str, str]] = {
     ),
     413: ("TooLarge", "The body is over 1 MiB."),
     422: ("Invalid", "A field is missing, unknown or invalid (invalid_request); `field` names it."),
+    502: ("BadGateway", "The server could not be reached or answered badly (bad_gateway)."),
     503: (
         "StoreUnavailable",
         "The key store cannot be reached and the key is not cached (store_unavailable).",
@@ -591,7 +628,7 @@ def _key_paths() -> dict[str, Schema]:
                 "keys",
                 ok=200,
                 result=key,
-                errors=[404, 409],
+                errors=[404, 409, 422],
                 description=toggle,
             ),
         },
@@ -693,6 +730,19 @@ def _user_paths() -> dict[str, Schema]:
                 description=admin_only,
             ),
         },
+        "/api/users/{id}/tools": {
+            "parameters": user_id,
+            "put": _operation(
+                "setUserTools",
+                "Set which tools a user's keys may call",
+                "users",
+                ok=200,
+                result=user,
+                body=_body("UserTools"),
+                errors=[404],
+                description=admin_only + " 422 for an admin (admins hold every tool).",
+            ),
+        },
     }
 
 
@@ -722,6 +772,20 @@ def _other_paths() -> dict[str, Schema]:
                 "servers",
                 ok=200,
                 result=_array(_ref("Server")),
+            ),
+        },
+        "/api/servers/{name}/tools": {
+            "parameters": [_path_param("name", "A configured server's name.")],
+            "get": _operation(
+                "listServerTools",
+                "The tools a server offers",
+                "servers",
+                ok=200,
+                result=_ref("ServerTools"),
+                errors=[404, 502],
+                description="Discovered with the official MCP SDK client, using the server's "
+                "configured headers. 404 for an unknown server or one the caller's user may "
+                "not reach; 502 bad_gateway when the server cannot be reached.",
             ),
         },
         "/api/audit": {

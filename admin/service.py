@@ -33,11 +33,12 @@ KEY_CREATE_FIELDS = frozenset(
         "rate_limit",
         "allowed_cidrs",
         "is_active",
+        "tools",
     }
 )
 KEY_PATCH_FIELDS = KEY_CREATE_FIELDS - {"user_id"}
 ROTATE_FIELDS = frozenset({"grace_seconds"})
-USER_CREATE_FIELDS = frozenset({"email", "display_name", "role", "servers"})
+USER_CREATE_FIELDS = frozenset({"email", "display_name", "role", "servers", "tools"})
 USER_PATCH_FIELDS = frozenset({"email", "display_name", "role", "is_active"})
 KEY_STATUSES = frozenset({"active", "disabled", "expired", "pending", "revoked"})
 
@@ -53,6 +54,15 @@ def user_not_found() -> ApiError:
 def last_admin() -> ApiError:
     return ApiError(
         409, "last_admin", "The workspace would have no active admin left.", field="role"
+    )
+
+
+def admins_hold_every_tool() -> ApiError:
+    return ApiError(
+        422,
+        "invalid_request",
+        "tools: an admin holds every tool; limit an admin's keys instead",
+        field="tools",
     )
 
 
@@ -102,16 +112,21 @@ class KeyAdmin:
         active = validate.boolean(data, "is_active") if "is_active" in data else True
         perms = fields.get("permissions", ["mcp"])
         self._check_permissions(caller, owner, perms)
-        validate.validity(fields.get("valid_from"), fields.get("expires_at"), datetime.now(UTC))
         if not caller.is_admin:
+            # A bound the request leaves out is inherited, not refused: "a key like mine, for
+            # this" is what a limited key asks for. An explicit null is asked for, and refused.
+            for field, value in narrowing.inherited_bounds(caller.principal.key).items():
+                fields.setdefault(field, value)
             proposed = narrowing.Reach(
                 servers=fields["servers"],
                 permissions=perms,
                 expires_at=fields.get("expires_at"),
                 allowed_cidrs=fields.get("allowed_cidrs"),
                 rate_limit=fields.get("rate_limit"),
+                tools=fields.get("tools"),
             )
             narrowing.require_create(caller.principal.key, proposed)
+        validate.validity(fields.get("valid_from"), fields.get("expires_at"), datetime.now(UTC))
         try:
             return await self._keyring.create_key(
                 caller.actor,
@@ -125,6 +140,7 @@ class KeyAdmin:
                 rate_limit=fields.get("rate_limit"),
                 allowed_cidrs=fields.get("allowed_cidrs"),
                 is_active=active,
+                tools=fields.get("tools"),
             )
         except UniqueViolationError:
             raise name_taken(fields["name"]) from None
@@ -235,6 +251,8 @@ class KeyAdmin:
             fields["rate_limit"] = validate.rate_limit(data)
         if "allowed_cidrs" in data:
             fields["allowed_cidrs"] = validate.cidrs(data)
+        if "tools" in data:
+            fields["tools"] = validate.tools(data, self._servers)
         return fields
 
     @staticmethod
@@ -291,9 +309,17 @@ class UserAdmin:
         )
         role = validate.role(data) if "role" in data else "member"
         servers = validate.servers(data, "servers", self._servers) if "servers" in data else []
+        tools = validate.tools(data, self._servers) if "tools" in data else None
+        if tools is not None and role == "admin":
+            raise admins_hold_every_tool()
         try:
             return await self._keyring.create_user(
-                caller.actor, email=email, display_name=display, role=role, servers=servers
+                caller.actor,
+                email=email,
+                display_name=display,
+                role=role,
+                servers=servers,
+                tools=tools,
             )
         except UniqueViolationError:
             raise ApiError(
@@ -312,6 +338,8 @@ class UserAdmin:
             )
         if "role" in data:
             changes["role"] = validate.role(data)
+            if changes["role"] == "admin" and user.tools is not None:
+                changes["tools"] = None  # an admin holds every tool (SPEC §6)
         if "is_active" in data:
             changes["is_active"] = validate.boolean(data, "is_active")
         if not changes:
@@ -342,5 +370,18 @@ class UserAdmin:
         servers = validate.servers(data, "servers", self._servers)
         try:
             return await self._keyring.set_user_servers(caller.actor, user_id, servers)
+        except NotFound:
+            raise user_not_found() from None
+
+    async def set_tools(self, caller: Caller, user_id: str, data: dict[str, Any]) -> User:
+        user = await self.get(caller, user_id)
+        reject_unknown(data, frozenset({"tools"}))
+        if "tools" not in data:
+            raise invalid("tools", "is required: null (every tool) or a list of patterns")
+        tools = validate.tools(data, self._servers)
+        if user.role == "admin" and tools is not None:
+            raise admins_hold_every_tool()
+        try:
+            return await self._keyring.set_user_tools(caller.actor, user_id, tools)
         except NotFound:
             raise user_not_found() from None

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from admin.http import invalid
+from gateway.mcp.patterns import PatternError, check_patterns
 from gateway.models import ALL_SERVERS, PERMISSIONS
 
 MAX_NAME = 100
@@ -151,6 +152,17 @@ def cidrs(data: dict[str, Any], field: str = "allowed_cidrs") -> list[str] | Non
         return [str(ipaddress.ip_network(v, strict=False)) for v in value]
     except ValueError as exc:
         raise invalid(field, f"not a CIDR: {exc}") from None
+
+
+def tools(
+    data: dict[str, Any], configured: Collection[str], field: str = "tools"
+) -> list[str] | None:
+    """null (every tool) or a list of tool patterns like "github/search_*" or "!github/delete_*"."""
+    try:
+        checked = check_patterns(data.get(field), configured)
+    except PatternError as exc:
+        raise invalid(field, str(exc)) from None
+    return list(checked) if checked is not None else None
 
 
 def validity(valid_from: datetime | None, expires_at: datetime | None, now: datetime) -> None:

@@ -24,6 +24,7 @@ from gateway.listen import (
     listen,
     raise_open_files_limit,
 )
+from gateway.mcp.guard import ToolGuard
 from gateway.proxy import Forwarder
 from gateway.runtime import Runtime
 
@@ -73,6 +74,7 @@ async def data_plane(
         readiness=runtime.readiness,
         throttle=runtime.data_throttle,
         rate_limiter=runtime.rate_limiter,
+        tools=ToolGuard(settings.mcp_servers, settings.mcp.max_inspect_bytes),
     )
     server = web.Server(plane.handle, max_field_size=16384, **_handler_args(settings))
     runner = web.ServerRunner(server, shutdown_timeout=gateway.shutdown_timeout)

@@ -110,6 +110,14 @@ class ThrottleSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class McpSettings:
+    # Largest POST body read whole and inspected for a key with a tool policy (413 past it).
+    max_inspect_bytes: int = 1024 * 1024
+    # How long GET /api/servers/{name}/tools waits for a server to list its tools.
+    discovery_timeout_seconds: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"
 
@@ -128,6 +136,7 @@ class Settings:
     keys: KeySettings = KeySettings()
     usage: UsageSettings = UsageSettings()
     throttle: ThrottleSettings = ThrottleSettings()
+    mcp: McpSettings = McpSettings()
     logging: LoggingSettings = LoggingSettings()
     mcp_servers: Mapping[str, UpstreamSettings] = field(default_factory=dict)
     chat: UpstreamSettings | None = None
@@ -140,6 +149,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "keys": KeySettings,
     "usage": UsageSettings,
     "throttle": ThrottleSettings,
+    "mcp": McpSettings,
     "logging": LoggingSettings,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -418,5 +428,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("keys", "verify_concurrency"): _integer(1, 64),
     ("usage", "flush_interval_seconds"): _number(0, exclusive=True),
     ("usage", "max_pending"): _integer(1),
+    ("mcp", "max_inspect_bytes"): _integer(1024, 64 * 1024 * 1024),
+    ("mcp", "discovery_timeout_seconds"): _number(0, exclusive=True),
     ("logging", "level"): _log_level,
 }

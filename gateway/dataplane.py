@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -15,12 +16,14 @@ from gateway import paths, policy
 from gateway.auth import Authenticator, credential
 from gateway.config import UpstreamSettings
 from gateway.errors import ApiError, not_found
+from gateway.mcp.guard import ToolGuard
+from gateway.mcp.patterns import effective_patterns
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
 from gateway.proxy import Forwarder
 from gateway.sse import EndpointRewriter, EndpointTarget
 from gateway.throttle import FailureThrottle, KeyRateLimiter, rate_limited
-from gateway.transform import BodyTransform, TransformFactory
+from gateway.transform import BodyCheck, BodyTransform, StreamRefused, TransformFactory, chain
 from gateway.usage import LastUsedRecorder
 
 log = logging.getLogger("keystile.dataplane")
@@ -44,6 +47,7 @@ class DataPlane:
         readiness: ReadinessCheck,
         throttle: FailureThrottle,
         rate_limiter: KeyRateLimiter,
+        tools: ToolGuard,
     ) -> None:
         self._servers = servers
         self._server_names = frozenset(servers)
@@ -55,6 +59,7 @@ class DataPlane:
         self._readiness = readiness
         self._throttle = throttle
         self._limiter = rate_limiter
+        self._tools = tools
         self._trusted = forwarder.trusted
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -104,13 +109,20 @@ class DataPlane:
             response = _json(_me(principal, self._server_names))
             response.headers.update(limit_headers or {})
             return response
-        transform = None
+        transform: TransformFactory | None = None
+        body_check = None
         if route.kind == "mcp":
             policy.require_server(principal, route.server, self._server_names)
             upstream = self._servers[route.server]
             url = upstream.url + route.upstream_path
             if request.method == "GET":  # a legacy SSE stream names its POST endpoint
                 transform = _endpoint_rewrite(EndpointTarget(upstream.url, route.server, url))
+            tool_policy = self._tools.policy(principal)
+            if tool_policy is not None:  # only keys with a tool policy are inspected
+                listing = self._tools.answer_filter(tool_policy, route.server)
+                transform = chain(transform, listing) if transform else listing
+                check = functools.partial(self._tools.check_request, tool_policy, route.server)
+                body_check = BodyCheck(self._tools.max_inspect_bytes, check)
         else:
             policy.require_permission(principal, "chat")
             if self._chat is None:
@@ -125,6 +137,8 @@ class DataPlane:
             identity=_identity(principal),
             extra_headers=upstream.headers,
             transform=transform,
+            body_check=body_check,
+            plain_answer=body_check is not None,
             response_headers=limit_headers,
         )
 
@@ -141,9 +155,12 @@ class DataPlane:
 
 def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
     def for_answer(status: int, headers: CIMultiDict[str]) -> BodyTransform | None:
-        if headers.get("Content-Type", "").startswith("text/event-stream"):
-            return EndpointRewriter(target)
-        return None
+        if not headers.get("Content-Type", "").startswith("text/event-stream"):
+            return None
+        if headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+            # An endpoint event the gateway cannot read could send the client anywhere.
+            raise StreamRefused("an encoded event stream cannot be checked")
+        return EndpointRewriter(target)
 
     return for_answer
 
@@ -158,6 +175,8 @@ def _identity(principal: Principal) -> tuple[tuple[str, str], ...]:
 
 def _me(principal: Principal, configured: frozenset[str]) -> dict[str, object]:
     key = principal.key
+    servers = policy.effective_servers(principal, configured)
+    user_tools = principal.user.tools if principal.user.role != "admin" else None
     return {
         "user": principal.user.to_json(),
         "workspace": principal.workspace.to_json(),
@@ -166,9 +185,11 @@ def _me(principal: Principal, configured: frozenset[str]) -> dict[str, object]:
             "name": key.name,
             "prefix": key.prefix,
             "servers": list(key.servers),
-            "effective_servers": sorted(policy.effective_servers(principal, configured)),
+            "effective_servers": sorted(servers),
             "permissions": list(key.permissions),
             "expires_at": iso(key.expires_at),
+            "tools": list(key.tools) if key.tools is not None else None,
+            "effective_tools": effective_patterns(key.tools, user_tools, servers),
         },
     }
 

@@ -56,6 +56,7 @@ class Keyring:
         role: str = "member",
         servers: Sequence[str] = (),
         bootstrap: bool = False,
+        tools: Sequence[str] | None = None,
     ) -> User:
         return await self.store.create_user(
             actor,
@@ -65,10 +66,16 @@ class Keyring:
             role=role,
             servers=servers,
             bootstrap=bootstrap,
+            tools=tools,
         )
 
     async def set_user_servers(self, actor: Actor, user_id: str, servers: Sequence[str]) -> User:
         user = await self.store.set_user_servers(actor, user_id, servers)
+        self._cache.evict_user(user_id)
+        return user
+
+    async def set_user_tools(self, actor: Actor, user_id: str, tools: Sequence[str] | None) -> User:
+        user = await self.store.set_user_tools(actor, user_id, tools)
         self._cache.evict_user(user_id)
         return user
 
@@ -97,6 +104,7 @@ class Keyring:
         rate_limit: Mapping[str, int] | None = None,
         allowed_cidrs: Sequence[str] | None = None,
         is_active: bool = True,
+        tools: Sequence[str] | None = None,
     ) -> IssuedKey:
         key_id = keys.new_id()
         minted = keys.generate(user_id, key_id)
@@ -115,6 +123,7 @@ class Keyring:
             rate_limit=rate_limit,
             allowed_cidrs=allowed_cidrs,
             is_active=is_active,
+            tools=tools,
         )
         return IssuedKey(record, minted.full)
 

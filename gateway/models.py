@@ -35,6 +35,7 @@ class User:
     created_at: datetime
     servers: tuple[str, ...]  # the user's grants; ("*",) = every configured server
     deleted_at: datetime | None = None
+    tools: tuple[str, ...] | None = None  # tool patterns (SPEC §6); None = every tool
 
     @property
     def usable(self) -> bool:
@@ -49,6 +50,7 @@ class User:
             "role": self.role,
             "is_active": self.is_active,
             "servers": list(self.servers),
+            "tools": list(self.tools) if self.tools is not None else None,
             "created_at": iso(self.created_at),
         }
 
@@ -74,6 +76,7 @@ class ApiKey:
     revoked_at: datetime | None
     rate_limit: dict[str, int] | None = None
     allowed_cidrs: tuple[str, ...] | None = None
+    tools: tuple[str, ...] | None = None  # tool patterns (SPEC §6); None = every tool
 
     @property
     def prefix(self) -> str:
@@ -110,6 +113,7 @@ class ApiKey:
             "revoked_at": iso(self.revoked_at),
             "rate_limit": self.rate_limit,
             "allowed_cidrs": list(self.allowed_cidrs) if self.allowed_cidrs is not None else None,
+            "tools": list(self.tools) if self.tools is not None else None,
         }
 
 

@@ -26,7 +26,7 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.metrics import Metrics
-from gateway.transform import BodyTransform, StreamRefused, TransformFactory
+from gateway.transform import BodyCheck, BodyTransform, StreamRefused, TransformFactory
 from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.watchdog import Watch, Watchdog
 
@@ -73,7 +73,10 @@ class Forwarder:
         self._ending = False
 
     async def open(self) -> None:
-        self.client = UpstreamClient(connect_timeout=self._settings.connect_timeout)
+        self.client = UpstreamClient(
+            connect_timeout=self._settings.connect_timeout,
+            max_per_origin=self._settings.upstream_max_connections,
+        )
 
     def end_streams(self) -> None:
         """Shutdown deadline: end every response still streaming, cleanly for the client."""
@@ -95,10 +98,14 @@ class Forwarder:
         identity: Iterable[tuple[str, str]],
         extra_headers: Mapping[str, str],
         transform: TransformFactory | None = None,
+        body_check: BodyCheck | None = None,
+        plain_answer: bool = False,
         response_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        """Forward `request` to `url`. `transform`, if given, may rewrite the answer's body
-        (see gateway.transform)."""
+        """Forward `request` to `url`. `body_check`, if given, judges a POST body (read whole)
+        before anything goes upstream; `transform`, if given, may rewrite the answer's body
+        (see gateway.transform); `plain_answer` asks the upstream for an unencoded answer,
+        for a transform that must read every answer."""
         limit = self._settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -112,8 +119,17 @@ class Forwarder:
             identity=identity,
             extra=extra_headers,
         )
+        if plain_answer:
+            headers["Accept-Encoding"] = "identity"
+        data: bytes | LimitedBody | None
         try:
-            data = await self._request_body(request, length, limit)
+            if body_check is not None and request.method == "POST":
+                data = await self._whole_body(request, length, min(limit, body_check.limit))
+                denial = body_check.check(request.headers, data)
+                if denial is not None:
+                    return denial
+            else:
+                data = await self._request_body(request, length, limit)
         except ClientGone:
             return _client_gone()
         watch = self._watchdog.watch(request)
@@ -188,6 +204,20 @@ class Forwarder:
             status=upstream.status, reason=upstream.reason or None, body=body, headers=headers
         )
 
+    async def _whole_body(self, request: web.BaseRequest, length: int | None, limit: int) -> bytes:
+        """The body, read whole before it is judged (413 past `limit`, 408 if it stalls)."""
+        if length is not None and length > limit:
+            raise too_large(limit)
+        body = await self._request_body(request, length, limit)
+        if not isinstance(body, LimitedBody):
+            return body or b""
+        try:
+            return b"".join([chunk async for chunk in body])
+        except BodyStalled:
+            raise body_timeout() from None
+        except BodyTooLarge:
+            raise too_large(limit) from None
+
     async def _request_body(
         self, request: web.BaseRequest, length: int | None, limit: int
     ) -> bytes | LimitedBody | None:
@@ -224,7 +254,13 @@ class Forwarder:
         headers = downstream_response_headers(upstream.headers)
         if extra:
             headers.update(extra)
-        body_transform = transform(upstream.status, headers) if transform is not None else None
+        try:
+            body_transform = transform(upstream.status, headers) if transform else None
+        except StreamRefused as exc:  # nothing is sent yet: a clean 502
+            log.warning("refused an upstream answer: %s", exc)
+            raise ApiError(
+                502, "bad_gateway", "The upstream's answer cannot be passed on."
+            ) from None
         length = upstream.content_length
         if (
             body_transform is None

@@ -43,11 +43,11 @@ class NotFound(Exception):
 _KEY_COLUMNS = """
     k.id, k.user_id, k.workspace_id, k.name, k.description, k.servers, k.permissions,
     k.valid_from, k.expires_at, k.is_active, k.secret_prefix, k.created_at, k.updated_at,
-    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs
+    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs, k.tools
 """
 _USER_COLUMNS = """
     u.id, u.workspace_id, u.email, u.display_name, u.role, u.is_active, u.created_at,
-    u.deleted_at,
+    u.deleted_at, u.tools,
     COALESCE((SELECT array_agg(g.server ORDER BY g.server) FROM server_grants g
               WHERE g.user_id = u.id), '{}') AS servers
 """
@@ -56,6 +56,7 @@ LOAD_PRINCIPAL = f"""
 SELECT {_KEY_COLUMNS}, k.secret_hash, k.previous_hash, k.previous_expires_at,
        u.email AS u_email, u.display_name AS u_display_name, u.role AS u_role,
        u.is_active AS u_is_active, u.created_at AS u_created_at, u.deleted_at AS u_deleted_at,
+       u.tools AS u_tools,
        COALESCE((SELECT array_agg(g.server ORDER BY g.server) FROM server_grants g
                  WHERE g.user_id = u.id), '{{}}') AS u_servers,
        w.name AS w_name, w.created_at AS w_created_at
@@ -76,8 +77,8 @@ WORKSPACE_BY_NAME = "SELECT * FROM workspaces WHERE name = $1"
 WORKSPACE_BY_ID = "SELECT * FROM workspaces WHERE id = $1"
 
 INSERT_USER = """
-INSERT INTO users (id, workspace_id, email, display_name, role, is_bootstrap)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO users (id, workspace_id, email, display_name, role, is_bootstrap, tools)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 USER_BY_ID = f"SELECT {_USER_COLUMNS} FROM users u WHERE u.id = $1 AND u.workspace_id = $2"
 USERS_IN_WORKSPACE = f"""
@@ -88,14 +89,17 @@ BOOTSTRAP_ADMIN = """
 SELECT u.id FROM users u
 WHERE u.workspace_id = $1 AND u.is_bootstrap AND u.deleted_at IS NULL
 """
+SET_USER_TOOLS = """
+UPDATE users SET tools = $3::text[], updated_at = now() WHERE id = $1 AND workspace_id = $2
+"""
 DELETE_GRANTS = "DELETE FROM server_grants WHERE user_id = $1"
 INSERT_GRANTS = "INSERT INTO server_grants (user_id, server) SELECT $1, unnest($2::text[])"
 
 INSERT_KEY = f"""
 INSERT INTO api_keys AS k (id, user_id, workspace_id, name, description, servers, permissions,
                            valid_from, expires_at, secret_hash, secret_prefix, rate_limit,
-                           allowed_cidrs, is_active)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                           allowed_cidrs, is_active, tools)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 RETURNING {_KEY_COLUMNS}
 """
 KEY_BY_ID = f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE k.id = $1 AND k.workspace_id = $2"
@@ -136,8 +140,15 @@ KEY_UPDATABLE = {
     "is_active": "boolean",
     "rate_limit": "jsonb",
     "allowed_cidrs": "text[]",
+    "tools": "text[]",
 }
-USER_UPDATABLE = {"display_name": "text", "role": "text", "is_active": "boolean", "email": "text"}
+USER_UPDATABLE = {
+    "display_name": "text",
+    "role": "text",
+    "is_active": "boolean",
+    "email": "text",
+    "tools": "text[]",
+}
 
 
 class Store:
@@ -162,6 +173,7 @@ class Store:
             created_at=row["u_created_at"],
             servers=tuple(row["u_servers"]),
             deleted_at=row["u_deleted_at"],
+            tools=_tools(row["u_tools"]),
         )
         workspace = Workspace(row["workspace_id"], row["w_name"], row["w_created_at"])
         hashes = KeyHashes(row["secret_hash"], row["previous_hash"], row["previous_expires_at"])
@@ -197,13 +209,22 @@ class Store:
         role: str = "member",
         servers: Sequence[str] = (),
         bootstrap: bool = False,
+        tools: Sequence[str] | None = None,
     ) -> User:
+        tool_list = list(tools) if tools is not None else None
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                INSERT_USER, user_id, actor.workspace_id, email, display_name, role, bootstrap
+                INSERT_USER,
+                user_id,
+                actor.workspace_id,
+                email,
+                display_name,
+                role,
+                bootstrap,
+                tool_list,
             )
             await conn.execute(INSERT_GRANTS, user_id, list(servers))
-            changes = {"email": email, "role": role, "servers": list(servers)}
+            changes = {"email": email, "role": role, "servers": list(servers), "tools": tool_list}
             await _audit(conn, actor, "user.create", "user", user_id, changes)
             user = await _fetch_user(conn, user_id, actor.workspace_id)
             assert user is not None
@@ -230,6 +251,20 @@ class Store:
             await conn.execute(INSERT_GRANTS, user_id, sorted(set(servers)))
             changes = {"servers": {"from": list(before.servers), "to": sorted(set(servers))}}
             await _audit(conn, actor, "user.servers", "user", user_id, changes)
+            await _notify(conn, "user", user_id)
+            after = await _fetch_user(conn, user_id, actor.workspace_id)
+            assert after is not None
+            return after
+
+    async def set_user_tools(self, actor: Actor, user_id: str, tools: Sequence[str] | None) -> User:
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await _fetch_user(conn, user_id, actor.workspace_id, lock=True)
+            if before is None or before.deleted_at is not None:
+                raise NotFound(user_id)
+            value = list(tools) if tools is not None else None
+            await conn.execute(SET_USER_TOOLS, user_id, actor.workspace_id, value)
+            changes = {"tools": {"from": _jsonable(before.tools), "to": value}}
+            await _audit(conn, actor, "user.tools", "user", user_id, changes)
             await _notify(conn, "user", user_id)
             after = await _fetch_user(conn, user_id, actor.workspace_id)
             assert after is not None
@@ -297,6 +332,7 @@ class Store:
         rate_limit: Mapping[str, int] | None = None,
         allowed_cidrs: Sequence[str] | None = None,
         is_active: bool = True,
+        tools: Sequence[str] | None = None,
     ) -> ApiKey:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -315,6 +351,7 @@ class Store:
                 json.dumps(rate_limit) if rate_limit is not None else None,
                 list(allowed_cidrs) if allowed_cidrs is not None else None,
                 is_active,
+                list(tools) if tools is not None else None,
             )
             assert row is not None
             key = _key(row)
@@ -539,6 +576,7 @@ def _key_audit(key: ApiKey) -> dict[str, Any]:
         "permissions": list(key.permissions),
         "valid_from": _jsonable(key.valid_from),
         "expires_at": _jsonable(key.expires_at),
+        "tools": _jsonable(key.tools),
     }
 
 
@@ -567,6 +605,7 @@ def _user(row: asyncpg.Record) -> User:
         created_at=row["created_at"],
         servers=tuple(row["servers"]),
         deleted_at=row["deleted_at"],
+        tools=_tools(row["tools"]),
     )
 
 
@@ -592,4 +631,9 @@ def _key(row: asyncpg.Record) -> ApiKey:
         revoked_at=row["revoked_at"],
         rate_limit=json.loads(rate_limit) if rate_limit is not None else None,
         allowed_cidrs=tuple(cidrs) if cidrs is not None else None,
+        tools=_tools(row["tools"]),
     )
+
+
+def _tools(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    return _shared(values) if values is not None else None

@@ -1,4 +1,5 @@
-"""The seam through which an answer's body may be rewritten on its way to the client.
+"""The seams through which a request's body may be judged before it goes upstream, and an
+answer's body rewritten on its way to the client.
 
 The forwarder knows nothing of SSE endpoints or MCP tool lists: a route that needs to rewrite
 what comes back hands it a factory, which looks at the upstream's answer head and returns a
@@ -10,9 +11,11 @@ since the head has already been sent.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from multidict import CIMultiDict
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 
 class StreamRefused(Exception):
@@ -31,3 +34,36 @@ class BodyTransform(Protocol):
 
 # Called with the answer's status and headers (which it may change, e.g. Content-Length).
 TransformFactory = Callable[[int, CIMultiDict[str]], BodyTransform | None]
+
+
+@dataclass(frozen=True, slots=True)
+class BodyCheck:
+    """A request body to read whole (at most `limit` bytes, 413 past it) and judge before it
+    goes upstream: `check` returns None to forward it, or the answer to give instead."""
+
+    limit: int
+    check: Callable[[CIMultiDictProxy[str], bytes], web.StreamResponse | None]
+
+
+def chain(first: TransformFactory, then: TransformFactory) -> TransformFactory:
+    """Both rewrites, `first`'s output fed to `then`."""
+
+    def for_answer(status: int, headers: CIMultiDict[str]) -> BodyTransform | None:
+        a, b = first(status, headers), then(status, headers)
+        if a is None or b is None:
+            return a or b
+        return _Chained(a, b)
+
+    return for_answer
+
+
+class _Chained:
+    def __init__(self, first: BodyTransform, then: BodyTransform) -> None:
+        self._first = first
+        self._then = then
+
+    def feed(self, chunk: bytes) -> bytes:
+        return self._then.feed(self._first.feed(chunk))
+
+    def flush(self) -> bytes:
+        return self._then.feed(self._first.flush()) + self._then.flush()

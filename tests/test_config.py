@@ -20,6 +20,7 @@ from gateway.config import (
     GatewaySettings,
     KeySettings,
     LoggingSettings,
+    McpSettings,
     Secret,
     Settings,
     ThrottleSettings,
@@ -35,6 +36,7 @@ SECTIONS = {
     "keys": KeySettings,
     "usage": UsageSettings,
     "throttle": ThrottleSettings,
+    "mcp": McpSettings,
     "logging": LoggingSettings,
 }
 GITHUB = '[mcp_servers.github]\nurl = "http://127.0.0.1:9001/mcp"\n'

@@ -327,6 +327,7 @@ MEMBER_LIMITS: dict[str, Any] = {
     "permissions": ["keys", "mcp"],
     "allowed_cidrs": ["127.0.0.0/8"],
     "rate_limit": rate(1000, 60),
+    "tools": ["github/search_*", "!github/search_secrets"],
 }
 MEMBER_DAYS = 10
 
@@ -339,6 +340,7 @@ def narrow_fields() -> dict[str, Any]:
         "expires_at": in_days(5),
         "allowed_cidrs": ["127.0.0.1/32"],
         "rate_limit": rate(100, 60),
+        "tools": ["github/search_issues", "!github/search_secrets"],
     }
 
 
@@ -355,8 +357,12 @@ WIDER: list[tuple[str, Any]] = [
     ("rate_limit", None),
     ("rate_limit", rate(2000, 120)),  # the same ratio, a bigger burst
     ("rate_limit", rate(1000, 30)),  # twice as fast
+    ("tools", None),
+    ("tools", ["github/*"]),
+    ("tools", ["github/search_*"]),  # the exclusion dropped
+    ("tools", ["github/search_issues", "github/delete_repo", "!github/search_secrets"]),
 ]
-OMITTED = [("expires_at", OMIT), ("allowed_cidrs", OMIT), ("rate_limit", OMIT)]
+OMITTED = ["expires_at", "allowed_cidrs", "rate_limit", "tools"]
 
 
 def with_field(fields: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
@@ -409,7 +415,16 @@ async def me(ks: Keystile, key: str) -> int:
     return status
 
 
-@pytest.mark.parametrize(("field", "value"), WIDER + OMITTED)
+@pytest.mark.parametrize("field", OMITTED)
+async def test_a_bound_left_out_of_a_create_is_inherited(keystile: Keystile, field: str) -> None:
+    _, limited = await limited_member(keystile)
+    body = {"name": "child", **with_field(narrow_fields(), field, OMIT)}
+    made = await call(keystile, "POST", "/api/keys", limited.key, body)
+    assert made.status == 201, made.text
+    assert made.body[field] == (await call_key(keystile, limited))[field]
+
+
+@pytest.mark.parametrize(("field", "value"), WIDER)
 async def test_a_limited_key_cannot_create_a_wider_key_but_an_admin_can(
     keystile: Keystile, database_url: str, field: str, value: Any
 ) -> None:
@@ -487,6 +502,7 @@ async def test_a_limited_key_narrows_itself_and_cannot_widen_back(
         "expires_at": in_days(5),
         "allowed_cidrs": ["127.0.0.1/32"],
         "rate_limit": rate(500, 60),
+        "tools": ["github/search_issues", "!github/search_secrets"],
     }
     reply = await call(keystile, "PATCH", path, limited.key, narrower)
     assert reply.status == 200, reply.text
@@ -624,16 +640,30 @@ async def test_compat_create_gives_the_new_key_the_calling_keys_limits(
 
 
 @pytest.mark.parametrize(
+    ("path", "body"),
+    [("/api/auth/api-key/create", {"name": "a"}), ("/default/admin/api-keys", {"name": "c"})],
+)
+async def test_compat_create_without_an_expiry_inherits_the_calling_keys(
+    keystile: Keystile, path: str, body: dict[str, Any]
+) -> None:
+    _, limited = await limited_member(keystile)
+    made = await call(keystile, "POST", path, limited.key, body)
+    assert made.status in (200, 201), made.text
+    keys = await keystile.runtime.store.list_keys(keystile.actor.workspace_id, user_id=None)
+    child = next(k for k in keys if k.name == body["name"])
+    assert child.expires_at == limited.record.expires_at
+    assert child.tools == limited.record.tools
+
+
+@pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        ("/api/auth/api-key/create", {"name": "a"}, "expiresIn"),
         ("/api/auth/api-key/create", {"name": "a", "expiresIn": 30 * 86400}, "expiresIn"),
         (
             "/api/auth/api-key/create",
             {"name": "a", "expiresIn": 60, "permissions": ["mcp", "chat"]},
             "permissions",
         ),
-        ("/default/admin/api-keys", {"name": "c"}, "validTo"),
         ("/default/admin/api-keys", {"name": "c", "validTo": in_days(30)}, "validTo"),
         (
             "/default/admin/api-keys",

@@ -5,10 +5,13 @@ response checked against the schema the document gives for that status."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from openapi_schema_validator import OAS31Validator, oas31_format_checker
 from openapi_spec_validator import validate as validate_spec
 
@@ -23,9 +26,11 @@ from admin.service import (
     USER_CREATE_FIELDS,
     USER_PATCH_FIELDS,
 )
+from gateway.config import UpstreamSettings
 from gateway.models import PERMISSIONS
 from gateway.runtime import Runtime
-from tests.support import Keystile, make_settings
+from gateway.sample_mcp import MCP_PATH, start_sample_server
+from tests.support import LOOPBACK, Keystile, Upstream, make_settings, start_keystile
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 Operation = tuple[str, str]  # (METHOD, path template)
@@ -81,7 +86,7 @@ def test_document_routes_match_the_admin_app() -> None:
     assert ("PUT", "/{workspace}/admin/api-keys/{id}") in router
     assert ("POST", "/api/auth/api-key/delete") in router
     assert ("GET", "/admin/api-keys") in router
-    assert len(router) == 29
+    assert len(router) == 31
 
 
 def test_operation_ids_are_unique_and_statuses_have_schemas() -> None:
@@ -224,8 +229,22 @@ async def test_openapi_json_is_served_without_a_key(keystile: Keystile) -> None:
     validate_spec(served)
 
 
-async def test_every_operation_answers_as_documented(keystile: Keystile) -> None:
-    ks = keystile
+@pytest.fixture
+async def with_sample(database_url: str, upstream: Upstream) -> AsyncIterator[Keystile]:
+    """Keystile with, beside the echo servers, the bundled sample MCP server as "sample"."""
+    runner, port = await start_sample_server(LOOPBACK)
+    settings = make_settings(upstream)
+    sample = UpstreamSettings(url=f"http://{LOOPBACK}:{port}{MCP_PATH}")
+    settings = replace(settings, mcp_servers={**settings.mcp_servers, "sample": sample})
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            yield ks
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_operation_answers_as_documented(with_sample: Keystile) -> None:
+    ks = with_sample
     doc = openapi_document()
     c = Checker(ks, doc)
     boss = await ks.user("boss@example.com", role="admin", servers=["*"])
@@ -302,6 +321,17 @@ async def test_every_operation_answers_as_documented(keystile: Keystile) -> None
     await c.call(
         "PUT", "/api/users/{id}/servers", 200, admin, body={"servers": ["gitlab"]}, id=user_id
     )
+    tools = {"tools": ["gitlab/*", "!gitlab/delete_*"]}
+    assert (await c.call("PUT", "/api/users/{id}/tools", 200, admin, body=tools, id=user_id))[
+        "tools"
+    ] == tools["tools"]
+    await c.call("PUT", "/api/users/{id}/tools", 422, admin, body=tools, id=boss.id)
+    await c.call("PUT", "/api/users/{id}/tools", 422, admin, body={"tools": ["x"]}, id=user_id)
+    listed = await c.call("GET", "/api/servers/{name}/tools", 200, admin, name="sample")
+    assert {t["name"] for t in listed["tools"]} >= {"echo", "add", "whoami"}
+    await c.call("GET", "/api/servers/{name}/tools", 502, admin, name="github")  # not MCP
+    await c.call("GET", "/api/servers/{name}/tools", 404, admin, name="nope")
+    await c.call("GET", "/api/servers/{name}/tools", 404, self_service, name="gitlab")
     await c.call("DELETE", "/api/users/{id}", 204, admin, id=user_id)
     await c.call("GET", "/api/users/{id}", 404, admin, id=user_id)
     servers = await c.call("GET", "/api/servers", 200, self_service)
