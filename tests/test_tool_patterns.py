@@ -203,7 +203,9 @@ def test_tools_within_is_sound(
 ) -> None:
     if not tools_within(proposed, bound):
         return
-    allowed_by = lambda ps: ps is None or compile_rule(tuple(ps)).allows(name)  # noqa: E731
+    def allowed_by(patterns: list[str] | None) -> bool:
+        return patterns is None or compile_rule(tuple(patterns)).allows(name)
+
     if allowed_by(proposed):
         assert allowed_by(bound)
 
