@@ -106,8 +106,16 @@ class Admin:
         user: dict[str, Any] = await self._call("POST", "/api/users", body, expect=201)
         return user
 
-    async def create_key(self, user_id: str, name: str, servers: list[str]) -> tuple[str, str]:
-        body = {"name": name, "user_id": user_id, "servers": servers, "permissions": ["mcp"]}
+    async def create_key(
+        self, user_id: str, name: str, servers: list[str], *, tools: list[str] | None = None
+    ) -> tuple[str, str]:
+        body: dict[str, Any] = {
+            "name": name,
+            "user_id": user_id,
+            "servers": servers,
+            "permissions": ["mcp"],
+            "tools": tools,
+        }
         created = await self._call("POST", "/api/keys", body, expect=201)
         return str(created["id"]), str(created["key"])
 

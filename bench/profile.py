@@ -20,6 +20,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("auth: parse, fingerprint, cache lookup", r"gateway/(auth|keys|cache)\.py"),
     ("path judgement (gateway.paths)", r"gateway/paths\.py"),
     ("policy checks (gateway.policy)", r"gateway/policy\.py"),
+    ("tool policy: inspect the body, filter the answer (gateway.mcp)", r"gateway/mcp/"),
     ("header rewriting (gateway.headers)", r"gateway/headers\.py"),
     ("last-used record (gateway.usage)", r"gateway/usage\.py"),
     ("throttle (gateway.throttle)", r"gateway/throttle\.py"),

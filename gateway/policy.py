@@ -27,10 +27,23 @@ def user_servers(user: User, configured: Collection[str]) -> frozenset[str]:
 
 def effective_servers(principal: Principal, configured: Collection[str]) -> frozenset[str]:
     """key servers ∩ user grants ∩ configured servers; admins hold a grant to every server."""
-    reachable = set(user_servers(principal.user, configured))
-    if ALL_SERVERS not in principal.key.servers:
-        reachable.intersection_update(principal.key.servers)
-    return frozenset(reachable)
+    user = principal.user
+    return reachable(principal.key.servers, user.servers, user.role, configured)
+
+
+def reachable(
+    key_servers: Collection[str],
+    user_grants: Collection[str],
+    role: str,
+    configured: Collection[str],
+) -> frozenset[str]:
+    """effective_servers from its parts (hashable, so callers may cache on them)."""
+    servers = set(configured)
+    if role != "admin" and ALL_SERVERS not in user_grants:
+        servers.intersection_update(user_grants)
+    if ALL_SERVERS not in key_servers:
+        servers.intersection_update(key_servers)
+    return frozenset(servers)
 
 
 def may_reach(principal: Principal, server: str, configured: Collection[str]) -> bool:

@@ -189,16 +189,28 @@ class Forwarder:
         watch.deadline = self._watchdog.now() + self._settings.response_timeout
 
     async def _small_answer(
-        self, upstream: UpstreamResponse, headers: CIMultiDict[str], watch: Watch
+        self,
+        upstream: UpstreamResponse,
+        headers: CIMultiDict[str],
+        watch: Watch,
+        transform: BodyTransform | None,
     ) -> web.StreamResponse:
         """A short answer of announced length is already (or nearly) in the read buffer:
-        send it in one write with its headers, instead of headers, chunk and end apart.
-        The response deadline still runs: an upstream that announces a body and then stalls
-        must not hold us."""
+        send it in one write with its headers, instead of headers, chunk and end apart (a
+        rewrite, too, sees it whole). The response deadline still runs: an upstream that
+        announces a body and then stalls must not hold us."""
         try:
             body = await upstream.read()
         except UpstreamError as exc:
             return self._failed(watch, f"upstream failed mid-answer: {exc}")
+        if transform is not None:
+            try:
+                body = transform.feed(body) + transform.flush()
+            except StreamRefused as exc:  # nothing is sent yet: a clean 502
+                log.warning("refused an upstream answer: %s", exc)
+                raise ApiError(
+                    502, "bad_gateway", "The upstream's answer cannot be passed on."
+                ) from None
         headers.popall("Content-Length", None)  # set from the body by Response
         return web.Response(
             status=upstream.status, reason=upstream.reason or None, body=body, headers=headers
@@ -263,13 +275,12 @@ class Forwarder:
             ) from None
         length = upstream.content_length
         if (
-            body_transform is None
-            and length is not None
+            length is not None
             and length <= _SMALL_BODY
             and request.method != "HEAD"
             and upstream.status not in (204, 304)
         ):
-            return await self._small_answer(upstream, headers, watch)
+            return await self._small_answer(upstream, headers, watch, body_transform)
         if body_transform is not None:
             headers.popall("Content-Length", None)  # the rewrite changes the length
         response = web.StreamResponse(

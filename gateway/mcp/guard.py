@@ -36,15 +36,26 @@ class ToolGuard:
     def __init__(self, configured: Collection[str], max_inspect_bytes: int) -> None:
         self._configured = frozenset(configured)
         self.max_inspect_bytes = max_inspect_bytes
+        # Many keys share a few policies: compiled once per distinct (tools, scope) input.
+        self._policies = functools.lru_cache(maxsize=4096)(self._compile)
 
     def policy(self, principal: Principal) -> ToolPolicy | None:
-        key_tools = principal.key.tools
-        user = principal.user
+        key, user = principal.key, principal.user
         user_tools = None if user.role == "admin" else user.tools
-        if key_tools is None and user_tools is None:
+        if key.tools is None and user_tools is None:
             return None
-        servers = scope.effective_servers(principal, self._configured)
-        return _cached_policy(key_tools, user_tools, servers)
+        return self._policies(key.tools, user_tools, key.servers, user.servers, user.role)
+
+    def _compile(
+        self,
+        key_tools: tuple[str, ...] | None,
+        user_tools: tuple[str, ...] | None,
+        key_servers: tuple[str, ...],
+        user_servers: tuple[str, ...],
+        role: str,
+    ) -> ToolPolicy | None:
+        reach = scope.reachable(key_servers, user_servers, role, self._configured)
+        return policy_for(key_tools, user_tools, reach)
 
     def check_request(
         self, policy: ToolPolicy, server: str, headers: CIMultiDictProxy[str], body: bytes
@@ -88,13 +99,6 @@ class ToolGuard:
             return filtered
 
         return for_answer
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_policy(
-    key_tools: tuple[str, ...] | None, user_tools: tuple[str, ...] | None, servers: frozenset[str]
-) -> ToolPolicy | None:
-    return policy_for(key_tools, user_tools, servers)
 
 
 def _streamable(headers: CIMultiDictProxy[str]) -> bool:

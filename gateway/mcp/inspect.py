@@ -16,6 +16,7 @@ Checks run in SPEC §6's order: size (413), shape (`invalid_jsonrpc`), header ag
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from typing import Any, Literal
 
 MAX_TOOL_NAME = 256
 _BOM = b"\xef\xbb\xbf"
+# The common tool name: plain ASCII, nothing for Unicode normalisation to change.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
 
 Kind = Literal["request", "notification", "response"]
 
@@ -97,8 +100,7 @@ def _decode(body: bytes) -> Any:
     if body.startswith(_BOM):
         raise invalid("a byte order mark before the JSON")
     try:
-        text = body.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return _DECODER.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise invalid("not UTF-8") from None
     except RecursionError:
@@ -116,6 +118,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.loads with hooks would build a decoder per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
 def _message(value: Any) -> Message:
@@ -158,6 +164,8 @@ def _named(method: str, params: dict[str, Any] | None, kind: Kind) -> str | None
         raise invalid('tools/call needs "params.name" as a string')
     if not tool or len(tool) > MAX_TOOL_NAME:
         raise invalid("the tool name is empty or too long")
+    if _PLAIN_NAME.fullmatch(tool):
+        return tool
     if unicodedata.normalize("NFKC", tool) != tool or any(
         unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in tool
     ):
