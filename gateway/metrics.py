@@ -28,6 +28,25 @@ class Metrics:
     invalidations: int = 0
     listener_connects: int = 0
     listener_up: int = 0
+    calls_written: int = 0
+    calls_failed: int = 0
+    calls_dropped: int = 0
+    calls_pending: int = 0
+
+    def write_behind(self, name: str, outcome: str, count: int = 1) -> None:
+        """A write-behind outcome: `written`, `failed` (kept for later) or `dropped`."""
+        if name == "last_used":
+            attribute = {
+                "written": "last_used_flushes",
+                "failed": "last_used_flush_failures",
+                "dropped": "last_used_dropped",
+            }[outcome]
+        else:
+            attribute = f"calls_{outcome}"
+        setattr(self, attribute, getattr(self, attribute) + count)
+
+    def write_behind_pending(self, name: str, count: int) -> None:
+        setattr(self, "last_used_pending" if name == "last_used" else "calls_pending", count)
 
     def render(self) -> str:
         lines = [

@@ -96,7 +96,7 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         verify_concurrency=k.verify_concurrency,
     )
     usage = LastUsedRecorder(
-        store,
+        store.touch_last_used,
         metrics,
         interval=settings.usage.flush_interval_seconds,
         max_pending=settings.usage.max_pending,
