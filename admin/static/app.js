@@ -22,6 +22,7 @@
   let editing = null; // the key the key dialog edits; null while creating
   let rotating = null; // the key the rotate dialog rotates
   let granting = null; // the user the grants dialog changes
+  let toolsOwner = null; // the user whose tools the tools dialog changes
   let confirmed = null; // {run, then}: what the confirm dialog does once confirmed
   const refocus = new Map(); // dialog -> where focus goes if its opener is gone once it closes
 
@@ -145,6 +146,31 @@
     );
   }
 
+  const isExactTool = (pattern) => !pattern.startsWith("!") && !pattern.includes("*");
+
+  function toolsText(tools) {
+    if (tools === null) return "all tools";
+    if (tools.length === 0) return "no tools";
+    return tools.join(", ");
+  }
+
+  // "3 tools" when every entry names one tool, "3 patterns" when some use * or !.
+  function toolsCount(tools) {
+    const noun = tools.every(isExactTool) ? "tool" : "pattern";
+    return `${tools.length} ${noun}${tools.length === 1 ? "" : "s"}`;
+  }
+
+  function toolsCell(tools) {
+    if (tools === null) return "All tools";
+    if (tools.length === 0) return el("span", { class: "muted" }, "No tools");
+    return el(
+      "span",
+      { title: tools.join("\n") },
+      toolsCount(tools),
+      el("span", { class: "visually-hidden" }, `: ${tools.join(", ")}`),
+    );
+  }
+
   function notify(text) {
     $("page-error").textContent = "";
     $("notice").textContent = text;
@@ -186,7 +212,8 @@
   }
 
   // Runs a dialog's work: buttons disabled meanwhile; a failure stays in the dialog, with the
-  // field the API named marked invalid and focused.
+  // field the API named marked invalid and focused. `fields` maps an API field to the id of
+  // its control, or to a function giving the control.
   async function runDialog(dialog, errorId, fields, work) {
     const buttons = dialog.querySelectorAll("button");
     for (const b of buttons) b.disabled = true;
@@ -198,7 +225,8 @@
     } catch (err) {
       if (!state.key) return; // signed out meanwhile
       $(errorId).textContent = err.message;
-      const input = fields[err.field] && $(fields[err.field]);
+      const target = fields[err.field];
+      const input = typeof target === "function" ? target() : target && $(target);
       if (input) {
         input.setAttribute("aria-invalid", "true");
         input.focus();
@@ -278,6 +306,176 @@
     return [...fieldset.querySelectorAll(".server-list input:checked")].map((b) => b.value);
   }
 
+  // The configured servers a user reaches; without the user's record (self-service: only
+  // admins load users), the servers granted to the signed-in user.
+  function reachableServers(user) {
+    if (!user) return state.servers.filter((s) => s.granted).map((s) => s.name);
+    const names = state.servers.map((s) => s.name);
+    if (user.role === "admin" || user.servers.includes("*")) return names;
+    return names.filter((name) => user.servers.includes(name));
+  }
+
+  // --- tool pickers: "All tools" (null), or discovered tools ticked plus free patterns ---
+
+  // GET /api/servers/{name}/tools, asked once per dialog opening (the API keeps answers 60 s).
+  const discoveries = new Map(); // server name -> promise of {server, tools, fetched_at}
+
+  function discoverTools(server) {
+    if (!discoveries.has(server)) {
+      discoveries.set(server, api("GET", `api/servers/${encodeURIComponent(server)}/tools`));
+    }
+    return discoveries.get(server);
+  }
+
+  function discoveryFailure(err) {
+    const instead = "Patterns below still work.";
+    if (err.status === 502) {
+      return `Its tools could not be listed: the server did not answer. ${instead}`;
+    }
+    if (err.status === 404) return `Its tools are not listed for you. ${instead}`;
+    return `Its tools could not be listed: ${err.message} ${instead}`;
+  }
+
+  const patternLines = (text) => text.split("\n").map((line) => line.trim()).filter(Boolean);
+  const serverOf = (pattern) => pattern.replace(/^!/, "").split("/", 1)[0];
+  let toolOptionCount = 0; // for unique ids of tool options
+
+  // One picker per dialog (keys, user tools): a fieldset with "all"/"some" radios, a group of
+  // tool checkboxes per server in scope, and a patterns field. `scope()` names the servers.
+  class ToolPicker {
+    constructor(fieldset, scope) {
+      this.fieldset = fieldset;
+      this.scope = scope;
+      this.picker = fieldset.querySelector(".tool-picker");
+      this.groups = fieldset.querySelector(".tool-groups");
+      this.patterns = fieldset.querySelector("textarea");
+      this.ticked = new Set(); // "server/tool", kept while its server leaves the scope and returns
+      this.unplaced = new Set(); // the record's plain names, until a discovered tool matches one
+      this.shown = null; // the servers whose groups are on screen
+      fieldset.addEventListener("change", (event) => this.onChange(event));
+    }
+
+    mode(value) {
+      return this.fieldset.querySelector(`input[type="radio"][value="${value}"]`);
+    }
+
+    get allTools() {
+      return this.mode("all").checked;
+    }
+
+    // Shows a record's tools: all patterns go to the patterns field, and each plain name moves
+    // to its checkbox once its server's discovered tools include it.
+    reset(tools = null) {
+      this.mode(tools === null ? "all" : "some").checked = true;
+      this.patterns.value = tools === null ? "" : tools.join("\n");
+      this.ticked = new Set();
+      this.unplaced = new Set((tools || []).filter(isExactTool));
+      this.shown = null;
+      this.groups.replaceChildren();
+      this.sync();
+    }
+
+    // Follows the mode and the servers in scope; groups are rebuilt only when the servers change.
+    sync() {
+      this.picker.hidden = this.allTools;
+      if (this.allTools) return;
+      const servers = this.scope();
+      const shown = servers.join("\n");
+      if (shown === this.shown) return;
+      this.shown = shown;
+      this.groups.replaceChildren(...servers.map((server) => this.group(server)));
+      if (servers.length === 0) {
+        const none = "No MCP server in reach: only patterns apply.";
+        this.groups.append(el("p", { class: "hint" }, none));
+      }
+    }
+
+    onChange(event) {
+      const pattern = event.target.dataset.tool;
+      if (!pattern) {
+        this.sync();
+        return;
+      }
+      if (event.target.checked) this.ticked.add(pattern);
+      else this.ticked.delete(pattern);
+    }
+
+    group(server) {
+      const note = el("p", { class: "hint tool-note", role: "status" }, "Loading tools…");
+      const list = el("div", { class: "tool-list" });
+      this.fillGroup(server, note, list);
+      return el("fieldset", { class: "tool-group" }, el("legend", {}, server), note, list);
+    }
+
+    async fillGroup(server, note, list) {
+      let found;
+      try {
+        found = await discoverTools(server);
+      } catch (err) {
+        note.textContent = discoveryFailure(err);
+        note.classList.add("tool-failure");
+        return;
+      }
+      if (!list.isConnected) return; // the scope changed meanwhile
+      this.place(server, found.tools);
+      list.replaceChildren(...found.tools.map((tool) => this.option(server, tool)));
+      note.textContent = found.tools.length ? "" : "This server lists no tools.";
+      note.hidden = found.tools.length > 0;
+    }
+
+    // The record's plain names that this server offers leave the patterns field for checkboxes.
+    place(server, tools) {
+      const lines = this.patterns.value.split("\n");
+      const present = new Set(lines.map((line) => line.trim()));
+      const moved = new Set(
+        tools
+          .map((tool) => `${server}/${tool.name}`)
+          .filter((name) => this.unplaced.has(name) && present.has(name)),
+      );
+      if (moved.size === 0) return;
+      for (const name of moved) {
+        this.unplaced.delete(name);
+        this.ticked.add(name);
+      }
+      this.patterns.value = lines.filter((line) => !moved.has(line.trim())).join("\n");
+    }
+
+    option(server, tool) {
+      const pattern = `${server}/${tool.name}`;
+      const id = `${this.fieldset.id}-option-${++toolOptionCount}`;
+      const box = el("input", {
+        type: "checkbox",
+        "data-tool": pattern,
+        "aria-labelledby": `${id}-name`,
+        "aria-describedby": tool.description ? `${id}-text` : null,
+      });
+      box.checked = this.ticked.has(pattern);
+      const text = tool.description
+        ? el("span", { class: "hint tool-description", id: `${id}-text`, title: tool.description },
+          tool.description)
+        : null;
+      const name = el("code", { class: "tool-name", id: `${id}-name` }, tool.name);
+      return el("label", { class: "check tool-option" }, box, el("span", {}, name, text));
+    }
+
+    // null for "All tools"; otherwise the ticked tools of the servers in scope, then the
+    // patterns, each once.
+    read() {
+      if (this.allTools) return null;
+      const servers = new Set(this.scope());
+      const ticked = [...this.ticked].filter((name) => servers.has(serverOf(name))).sort();
+      return [...new Set([...ticked, ...patternLines(this.patterns.value)])];
+    }
+
+    // Where a 422 on `tools` sends focus: the patterns field, or the mode when it is hidden.
+    invalidTarget() {
+      return this.allTools ? this.mode("all") : this.patterns;
+    }
+  }
+
+  const keyTools = new ToolPicker($("key-tools"), () => keyToolServers());
+  const userTools = new ToolPicker($("user-tools"), () => reachableServers(toolsOwner));
+
   // --- signing in and out ---
 
   function parseKeyIds(key) {
@@ -343,6 +541,10 @@
     // Nothing of the session stays in the page: tables, filters and dialog forms are cleared.
     for (const body of document.querySelectorAll("tbody")) body.replaceChildren();
     for (const form of document.querySelectorAll("dialog form")) form.reset();
+    toolsOwner = null;
+    keyTools.reset(null);
+    userTools.reset(null);
+    discoveries.clear();
     setOptions($("filter-user"), [["", "All users"]], "");
     $("app-view").hidden = true;
     $("session").hidden = true;
@@ -418,6 +620,7 @@
       ["User", (k) => emailText((k.user && k.user.email) || k.user_id)],
       ["Key", (k) => el("code", { class: "prefix" }, k.prefix)],
       ["Servers", (k) => serversCell(k.servers)],
+      ["Tools", (k) => toolsCell(k.tools)],
       ["Permissions", (k) => k.permissions.join(", ") || "—"],
       ["Created", (k) => dateCell(k.created_at)],
       ["Last used", (k) => (k.last_used_at ? lastUsedCell(k.last_used_at) : "Never")],
@@ -575,9 +778,9 @@
   function syncKeyDialog() {
     $("key-expiry-date-field").hidden = $("key-expiry").value !== "custom";
     syncServerPicker($("key-servers"));
+    keyTools.sync();
     // 'admin' only for keys of admin users, and only an admin can grant it.
-    const ownerId = editing ? editing.user_id : $("key-owner").value || state.userId;
-    const owner = state.users.find((u) => u.id === ownerId);
+    const owner = keyOwner();
     const allowed = state.admin && owner !== undefined && owner.role === "admin";
     const box = $("key-permissions").querySelector('input[value="admin"]');
     if (!allowed && !editing) box.checked = false; // an edit keeps what the key has
@@ -585,6 +788,18 @@
     $("permission-admin-row").hidden = !state.admin && !box.checked;
     const locked = state.admin ? "only for keys of admin users" : "only an admin key changes it";
     $("permission-admin-hint").textContent = allowed ? "manage the workspace" : locked;
+  }
+
+  // The owner's record (admins only: others have no user list), or undefined.
+  function keyOwner() {
+    const ownerId = editing ? editing.user_id : $("key-owner").value || state.userId;
+    return state.users.find((u) => u.id === ownerId);
+  }
+
+  // The servers whose tools the key dialog offers: those picked, or all its owner reaches.
+  function keyToolServers() {
+    const servers = readServerPicker($("key-servers"));
+    return servers.length === 1 && servers[0] === "*" ? reachableServers(keyOwner()) : servers;
   }
 
   function openKeyDialog(key = null) {
@@ -607,6 +822,8 @@
       setOptions($("key-owner"), [me, ...others.map((u) => [u.id, userLabel(u)])], "");
     }
     fillServerPicker($("key-servers"), key ? key.servers : ["*"], { noteUngranted: !state.admin });
+    discoveries.clear();
+    keyTools.reset(key ? key.tools : null);
     const permissions = key ? key.permissions : ["mcp"];
     for (const box of form.querySelectorAll('input[name="permission"]')) {
       box.checked = permissions.includes(box.value);
@@ -621,6 +838,7 @@
       description: $("key-description").value.trim(),
       servers: readServerPicker($("key-servers")),
       permissions: [...$("key-permissions").querySelectorAll("input:checked")].map((b) => b.value),
+      tools: keyTools.read(),
     };
     if (!values.name) throw new Problem("Give the key a name.", 0, "name");
     const expiry = readExpiry();
@@ -645,6 +863,7 @@
     user_id: "key-owner",
     expires_at: "key-expiry",
     expires_at_date: "key-expiry-date",
+    tools: () => keyTools.invalidTarget(),
   };
 
   async function submitKey(event) {
@@ -666,6 +885,8 @@
         focusKeyAction(updated.id, "edit");
         return;
       }
+      // "All tools" leaves `tools` out: a key limited to some tools then passes its own on.
+      if (values.tools === null) delete values.tools;
       const owner = $("key-owner").value;
       const created = await api("POST", "api/keys", owner ? { ...values, user_id: owner } : values);
       dialog.close();
@@ -771,6 +992,7 @@
         ["Display name", user.display_name || el("span", { class: "muted" }, "—")],
         ["Role", roleSelect(user)],
         ["Server access", serversText(user.servers)],
+        ["Tools", userToolsCell(user)],
         ["Status", user.is_active ? badge("active") : badge("disabled")],
         ["Created", dateCell(user.created_at)],
         ["Actions", userActions(user)],
@@ -778,6 +1000,17 @@
       return tableRow({ "data-user-id": user.id }, cells);
     });
     $("users-table").tBodies[0].replaceChildren(...rows);
+  }
+
+  function userToolsCell(user) {
+    if (user.role !== "admin") return toolsCell(user.tools);
+    const why = "Admins hold every tool; limit an admin's keys instead.";
+    return el(
+      "span",
+      { title: why },
+      "All tools (admin)",
+      el("span", { class: "visually-hidden" }, `: ${why}`),
+    );
   }
 
   function roleSelect(user) {
@@ -810,6 +1043,7 @@
       "div",
       { class: "row-actions" },
       button("Server access", "grants", () => openGrants(user)),
+      user.role === "admin" ? null : button("Tools", "tools", () => openUserTools(user)),
       button("Keys", "keys", () => showUserKeys(user)),
       user.is_active
         ? button("Disable", "toggle", () => confirmDisableUser(user), "danger")
@@ -903,6 +1137,29 @@
     });
   }
 
+  function openUserTools(user) {
+    toolsOwner = user;
+    $("tools-title").textContent = `Tools for ${user.email}`;
+    $("tools-error").textContent = "";
+    discoveries.clear();
+    userTools.reset(user.tools);
+    openDialog($("tools-dialog"), $("user-tools").querySelector("input:checked"));
+  }
+
+  async function submitUserTools(event) {
+    event.preventDefault();
+    const dialog = $("tools-dialog");
+    const fields = { tools: () => userTools.invalidTarget() };
+    await runDialog(dialog, "tools-error", fields, async () => {
+      const tools = userTools.read();
+      const updated = await api("PUT", userPath(toolsOwner, "/tools"), { tools });
+      dialog.close();
+      notify(`${updated.email} may call: ${toolsText(updated.tools)}.`);
+      await reloadUsers();
+      focusUserAction(updated.id, "tools");
+    });
+  }
+
   // --- tabs ---
 
   function selectTab(name) {
@@ -960,6 +1217,7 @@
     $("user-form").addEventListener("submit", submitUser);
     $("grants-form").addEventListener("submit", submitGrants);
     $("grants-form").addEventListener("change", () => syncServerPicker($("grant-servers")));
+    $("tools-form").addEventListener("submit", submitUserTools);
     document.addEventListener("click", (event) => {
       const closer = event.target.closest("[data-close]");
       if (closer) closer.closest("dialog").close();
