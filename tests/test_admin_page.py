@@ -11,16 +11,27 @@ import asyncio
 import json
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import UpstreamSettings
 from gateway.keyring import IssuedKey
 from gateway.models import User
-from tests.support import Keystile
+from gateway.sample_mcp import MCP_PATH, start_sample_server
+from tests.support import (
+    LOOPBACK,
+    Keystile,
+    admin_call,
+    make_settings,
+    start_keystile,
+    wait_until,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.access(CHROMIUM, os.X_OK):
@@ -126,8 +137,9 @@ class Ui:
         return await self.page.evaluate("document.activeElement && document.activeElement.id")
 
 
-@pytest.fixture
-async def ui(keystile: Keystile, browser: Browser) -> AsyncIterator[Ui]:
+@asynccontextmanager
+async def watched_tab(keystile: Keystile, browser: Browser) -> AsyncIterator[Ui]:
+    """A tab on the admin page of `keystile`, checked afterwards for what it should never do."""
     context = await browser.new_context(
         viewport=WIDE, permissions=["clipboard-read", "clipboard-write"]
     )
@@ -154,6 +166,12 @@ async def ui(keystile: Keystile, browser: Browser) -> AsyncIterator[Ui]:
     await context.close()
     assert cookies == [], "the page never sets cookies"
     assert tab.problems == [], "CSP violations, script errors, or requests off the admin plane"
+
+
+@pytest.fixture
+async def ui(keystile: Keystile, browser: Browser) -> AsyncIterator[Ui]:
+    async with watched_tab(keystile, browser) as tab:
+        yield tab
 
 
 async def admin_key(ks: Keystile) -> tuple[User, str]:
@@ -565,3 +583,277 @@ async def test_a_member_sees_only_their_own_keys(ui: Ui) -> None:
     # An empty filter explains itself.
     await page.get_by_label("Status", exact=True).select_option("revoked")
     await expect(page.locator("#keys-empty")).to_contain_text("No revoked keys")
+
+
+# --- tools (SPEC §6): picked from what a real MCP server lists, plus free patterns ---
+
+TOOLS_LIST = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+MCP_ACCEPT = {"Accept": "application/json, text/event-stream"}
+
+
+def closed_port() -> int:
+    """A loopback port that nothing listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+async def with_tools(database_url: str) -> AsyncIterator[Keystile]:
+    """Keystile in front of the bundled sample MCP server ("sample": echo, add, whoami) and of a
+    server that cannot be reached ("offline": a closed port)."""
+    runner, port = await start_sample_server(LOOPBACK)
+    servers = {
+        "sample": UpstreamSettings(url=f"http://{LOOPBACK}:{port}{MCP_PATH}"),
+        "offline": UpstreamSettings(url=f"http://{LOOPBACK}:{closed_port()}{MCP_PATH}"),
+    }
+    try:
+        async with start_keystile(
+            replace(make_settings(), mcp_servers=servers), database_url
+        ) as ks:
+            yield ks
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def tools_ui(with_tools: Keystile, browser: Browser) -> AsyncIterator[Ui]:
+    async with watched_tab(with_tools, browser) as tab:
+        yield tab
+
+
+async def listed_tools(ks: Keystile, key: str) -> list[str]:
+    """The sample server's tools/list, through the gateway, as this key sees it."""
+    status, _, body = await ks.request(
+        "POST", "/mcp-connect/sample", key, json=TOOLS_LIST, headers=MCP_ACCEPT
+    )
+    assert status == 200, body
+    return [tool["name"] for tool in body["result"]["tools"]]
+
+
+async def until_listed(ks: Keystile, key: str, names: list[str]) -> None:
+    """Wait for a tools change to reach the gateway's cache (invalidation is a round trip)."""
+
+    async def listed() -> bool:
+        return await listed_tools(ks, key) == names
+
+    await wait_until(listed, message=f"tools/list never gave {names}")
+
+
+def tool_box(group: Locator, name: str) -> Locator:
+    return group.get_by_role("checkbox", name=name, exact=True)
+
+
+async def test_create_a_key_with_tools_of_a_real_server(tools_ui: Ui) -> None:
+    ui = tools_ui
+    page, ks = ui.page, ui.ks
+    _, admin = await signed_in_as_admin(ui)
+    await ui.button("Create API key").click()
+    dialog = page.locator("#key-dialog")
+    await page.get_by_label("Name", exact=True).fill("agent")
+    tools = dialog.get_by_role("group", name="Tools", exact=True)
+    everything = tools.get_by_role("radio", name="All tools")
+    await expect(everything).to_be_checked()  # the default: tools null
+    patterns = tools.get_by_label("Patterns (one per line)", exact=True)
+    await expect(patterns).to_be_hidden()
+
+    # By keyboard: the arrow key picks "Only these tools", which lists the tools of every
+    # server the key may reach ("All servers" is picked: both servers).
+    await everything.focus()
+    await page.keyboard.press("ArrowDown")
+    await expect(tools.get_by_role("radio", name="Only these tools")).to_be_checked()
+    sample = tools.get_by_role("group", name="sample", exact=True)
+    await expect(sample.get_by_role("checkbox")).to_have_count(3)
+    for name in ("echo", "add", "whoami"):
+        await expect(tool_box(sample, name)).not_to_be_checked()
+    await expect(tool_box(sample, "add")).to_have_accessible_description("Add two numbers.")
+
+    # The server that cannot be reached: a note instead of checkboxes; patterns still work.
+    offline = tools.get_by_role("group", name="offline", exact=True)
+    await expect(offline).to_contain_text("could not be listed")
+    await expect(offline.get_by_role("checkbox")).to_have_count(0)
+
+    await tool_box(sample, "echo").check()
+    await tool_box(sample, "add").focus()
+    await page.keyboard.press("Space")
+    await expect(tool_box(sample, "add")).to_be_checked()
+    await patterns.fill("offline/search")
+    await tools.scroll_into_view_if_needed()
+    await ui.shot("18-create-dialog-tools", full_page=False)
+    await dialog.get_by_role("button", name="Create API key").click()
+    key = await ui.reveal_and_close()
+
+    # The record holds exactly the ticked tools and the pattern.
+    reply = await admin_call(ks, "GET", "/api/keys?all=true", admin)
+    record = next(k for k in reply.body if k["name"] == "agent")
+    assert sorted(record["tools"]) == ["offline/search", "sample/add", "sample/echo"]
+
+    # The table: a count, with the names on hover.
+    row = ui.row("agent")
+    summary = ui.cell(row, "Tools").locator("[title]")
+    await expect(summary).to_contain_text("3 tools")
+    await summary.hover()
+    await expect(summary).to_have_attribute("title", "\n".join(record["tools"]))
+    await expect(ui.cell(ui.row("admin console"), "Tools")).to_have_text("All tools")
+    await ui.shot("19-keys-tools")
+
+    # The gateway lists only those tools to the key.
+    assert await listed_tools(ks, key) == ["echo", "add"]
+
+    # At phone width: the table stacks, and the dialog's tools fit without sideways scrolling.
+    await page.set_viewport_size(NARROW)
+    await ui.shot("20-keys-tools-390")
+    await ui.button("Create API key").click()
+    await tools.get_by_role("radio", name="Only these tools").check()
+    await tool_box(sample, "whoami").check()
+    await patterns.fill("!offline/delete_*")
+    await expect(offline).to_contain_text("could not be listed")
+    await sample.scroll_into_view_if_needed()
+    await ui.shot("21-create-dialog-tools-390", full_page=False)
+    box = await dialog.bounding_box()
+    assert box is not None and box["width"] <= NARROW["width"]
+    inner = await dialog.evaluate("d => [d.scrollWidth, d.clientWidth]")
+    assert inner[0] <= inner[1], "nothing in the dialog overflows sideways"
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_be_hidden()
+    widths = await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], "no sideways scrolling at 390 px"
+
+    # Edited (still at phone width): its tools as saved, then "All tools", which is null.
+    await ui.button("Edit agent").click()
+    await expect(tool_box(sample, "echo")).to_be_checked()
+    await expect(tool_box(sample, "add")).to_be_checked()
+    await expect(tool_box(sample, "whoami")).not_to_be_checked()
+    await expect(patterns).to_have_value("offline/search")
+    await tools.get_by_role("radio", name="All tools").check()
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(dialog).to_be_hidden()
+    await expect(ui.cell(row, "Tools")).to_have_text("All tools")
+    reply = await admin_call(ks, "GET", f"/api/keys/{record['id']}", admin)
+    assert reply.body["tools"] is None
+    await until_listed(ks, key, ["echo", "add", "whoami"])
+
+
+async def test_edit_a_keys_tools_and_see_the_apis_422(tools_ui: Ui) -> None:
+    ui = tools_ui
+    page, ks = ui.page, ui.ks
+    _, admin = await signed_in_as_admin(ui)
+    current = ["sample/echo", "offline/search", "sample/whoami", "sample/a*"]
+    made = await admin_call(
+        ks, "POST", "/api/keys", admin, {"name": "bot", "servers": ["*"], "tools": current}
+    )
+    assert made.status == 201, made.text
+    key_id, key = made.body["id"], made.body["key"]
+    await page.reload()
+    row = ui.row("bot")
+    await expect(ui.cell(row, "Tools")).to_contain_text("4 patterns")
+
+    # The key's tools: discovered names ticked, everything else in the patterns field.
+    await ui.button("Edit bot").click()
+    dialog = page.locator("#key-dialog")
+    tools = dialog.get_by_role("group", name="Tools", exact=True)
+    await expect(tools.get_by_role("radio", name="Only these tools")).to_be_checked()
+    sample = tools.get_by_role("group", name="sample", exact=True)
+    await expect(tool_box(sample, "echo")).to_be_checked()
+    await expect(tool_box(sample, "whoami")).to_be_checked()
+    await expect(tool_box(sample, "add")).not_to_be_checked()
+    patterns = tools.get_by_label("Patterns (one per line)", exact=True)
+    await expect(patterns).to_have_value("offline/search\nsample/a*")
+    await tools.scroll_into_view_if_needed()
+    await ui.shot("22-edit-dialog-tools", full_page=False)
+
+    # A bad pattern: the API's 422 in the dialog, on the patterns field, which takes focus.
+    expected = await admin_call(ks, "PATCH", f"/api/keys/{key_id}", admin, {"tools": ["x y"]})
+    assert expected.status == 422 and expected.body["field"] == "tools"
+    await patterns.fill("offline/search\nx y")
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(page.locator("#key-error")).to_have_text(expected.body["message"])
+    await expect(dialog).to_be_visible()
+    await expect(patterns).to_have_attribute("aria-invalid", "true")
+    assert await ui.focused_id() == "key-tool-patterns"
+    await ui.shot("23-edit-dialog-tools-error", full_page=False)
+    record = await ks.runtime.store.key(ks.actor.workspace_id, key_id)
+    assert record is not None and list(record.tools or ()) == current  # nothing half-written
+
+    # "All tools": the key's tools become null.
+    await tools.get_by_role("radio", name="All tools").check()
+    await expect(patterns).to_be_hidden()
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(dialog).to_be_hidden()
+    await expect(ui.cell(row, "Tools")).to_have_text("All tools")
+    record = await ks.runtime.store.key(ks.actor.workspace_id, key_id)
+    assert record is not None and record.tools is None
+    await until_listed(ks, key, ["echo", "add", "whoami"])
+
+    # And back to one ticked tool.
+    await ui.button("Edit bot").click()
+    await tools.get_by_role("radio", name="Only these tools").check()
+    await tool_box(sample, "whoami").check()
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(dialog).to_be_hidden()
+    await expect(ui.cell(row, "Tools")).to_contain_text("1 tool")
+    record = await ks.runtime.store.key(ks.actor.workspace_id, key_id)
+    assert record is not None and record.tools == ("sample/whoami",)
+    assert await page.evaluate("document.activeElement.ariaLabel") == "Edit bot"
+    await until_listed(ks, key, ["whoami"])
+
+
+async def test_admin_edits_a_members_tools_in_the_users_view(tools_ui: Ui) -> None:
+    ui = tools_ui
+    page, ks = ui.page, ui.ks
+    await signed_in_as_admin(ui)
+    grace = await ks.user("grace@example.com", servers=["sample"])
+    grace_key = (await ks.key(grace, name="grace's key")).key
+    await page.get_by_role("tab", name="Users").click()
+
+    # Admins hold every tool: said so, and no editor.
+    admin_row = page.locator("#users-table tbody tr", has_text=ADMIN_EMAIL)
+    admin_tools = admin_row.locator('td[data-label="Tools"] [title]')
+    await expect(admin_tools).to_contain_text("All tools (admin)")
+    await expect(admin_tools).to_have_attribute("title", re.compile("Admins hold every tool"))
+    await expect(admin_row.get_by_role("button", name=f"Tools {ADMIN_EMAIL}")).to_have_count(0)
+
+    row = page.locator("#users-table tbody tr", has_text="grace@example.com")
+    await expect(row.locator('td[data-label="Tools"]')).to_have_text("All tools")
+    await ui.button("Tools grace@example.com").click()
+    dialog = page.locator("#tools-dialog")
+    await expect(dialog).to_be_visible()
+    tools = dialog.get_by_role("group", name="Tools this user may call")
+    assert await page.evaluate("document.activeElement.value") == "all"  # focus on the mode
+    await page.keyboard.press("ArrowDown")
+    # Only the servers she may reach.
+    sample = tools.get_by_role("group", name="sample", exact=True)
+    await expect(sample.get_by_role("checkbox")).to_have_count(3)
+    await expect(tools.get_by_role("group", name="offline")).to_have_count(0)
+    await tool_box(sample, "echo").check()
+    await tools.get_by_label("Patterns (one per line)", exact=True).fill("!sample/whoami")
+    await ui.shot("24-user-tools-dialog", full_page=False)
+    await dialog.get_by_role("button", name="Save tools").click()
+    await expect(dialog).to_be_hidden()
+    await expect(page.locator("#notice")).to_have_text(
+        "grace@example.com may call: sample/echo, !sample/whoami."
+    )
+    summary = row.locator('td[data-label="Tools"] [title]')
+    await expect(summary).to_contain_text("2 patterns")
+    await expect(summary).to_have_attribute("title", "sample/echo\n!sample/whoami")
+    assert await page.evaluate("document.activeElement.ariaLabel") == "Tools grace@example.com"
+    refreshed = await ks.runtime.store.user(ks.actor.workspace_id, grace.id)
+    assert refreshed is not None and refreshed.tools == ("sample/echo", "!sample/whoami")
+    await until_listed(ks, grace_key, ["echo"])  # every key of hers, at once
+    await ui.shot("25-users-tools")
+
+    # Reopened: her tools as saved; then every tool again.
+    await ui.button("Tools grace@example.com").click()
+    await expect(tool_box(sample, "echo")).to_be_checked()
+    await expect(tools.get_by_label("Patterns (one per line)", exact=True)).to_have_value(
+        "!sample/whoami"
+    )
+    await tools.get_by_role("radio", name="All tools").check()
+    await dialog.get_by_role("button", name="Save tools").click()
+    await expect(row.locator('td[data-label="Tools"]')).to_have_text("All tools")
+    refreshed = await ks.runtime.store.user(ks.actor.workspace_id, grace.id)
+    assert refreshed is not None and refreshed.tools is None
+    await until_listed(ks, grace_key, ["echo", "add", "whoami"])
+    await page.set_viewport_size(NARROW)
+    await ui.shot("26-users-tools-390")
