@@ -98,7 +98,11 @@ class KeySettings:
 @dataclass(frozen=True, slots=True)
 class UsageSettings:
     flush_interval_seconds: float = 2.0
-    max_pending: int = 100_000
+    max_pending: int = 100_000  # last-used entries waiting to be written
+    # Call records (SPEC §7): one per request made with a verified key, written in batches.
+    record_calls: bool = True
+    max_pending_calls: int = 100_000
+    retention_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +432,9 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("keys", "verify_concurrency"): _integer(1, 64),
     ("usage", "flush_interval_seconds"): _number(0, exclusive=True),
     ("usage", "max_pending"): _integer(1),
+    ("usage", "record_calls"): _boolean,
+    ("usage", "max_pending_calls"): _integer(1),
+    ("usage", "retention_days"): _integer(1, 3650),
     ("mcp", "max_inspect_bytes"): _integer(1024, 64 * 1024 * 1024),
     ("mcp", "discovery_timeout_seconds"): _number(0, exclusive=True),
     ("logging", "level"): _log_level,
