@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import uvicorn
+from mcp.server.context import ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.sse import SseServerTransport
+from mcp.server.streamable_http import EventCallback, EventMessage, EventStore
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import JSONRPCMessage, ListToolsResult, PaginatedRequestParams
 from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -47,6 +50,8 @@ class Exchange:
     status: int | None = None
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the app returned
+    body: bytearray = field(default_factory=bytearray, repr=False)  # the request body so far
+    response_body: bytearray = field(default_factory=bytearray, repr=False)  # the answer so far
 
     def header(self, name: str) -> str | None:
         """A request header's value (the first, if repeated)."""
@@ -54,6 +59,13 @@ class Exchange:
 
     def response_header(self, name: str) -> str | None:
         return next((v for k, v in self.response_headers if k == name.lower()), None)
+
+    def jsonrpc(self) -> Any:
+        """The request body decoded as JSON, or None when it is empty or not JSON."""
+        try:
+            return json.loads(bytes(self.body)) if self.body else None
+        except ValueError:
+            return None
 
 
 def _decode(headers: Any) -> list[tuple[str, str]]:
@@ -79,14 +91,22 @@ class Recorder:
         )
         self.exchanges.append(exchange)
 
+        async def recording_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                exchange.body.extend(message.get("body", b""))
+            return message
+
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 exchange.status = message["status"]
                 exchange.response_headers = _decode(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                exchange.response_body.extend(message.get("body", b""))
             await send(message)
 
         try:
-            await self.app(scope, receive, recording_send)
+            await self.app(scope, recording_receive, recording_send)
         finally:
             exchange.ended.set()
 
@@ -235,6 +255,151 @@ def sse_app() -> McpApp:
     docs show: GET /sse opens the stream, POST /messages/?session_id=... carries messages."""
     notes: list[str] = []
     lowlevel = tools_server("sdk-legacy", notes)._lowlevel_server
+    transport = SseServerTransport("/messages/", security_settings=LOOPBACK_ONLY)
+
+    async def handle_sse(request: Request) -> Response:
+        async with transport.connect_sse(request.scope, request.receive, request._send) as streams:
+            await lowlevel.run(streams[0], streams[1], lowlevel.create_initialization_options())
+        return Response()
+
+    app = Starlette(
+        routes=[
+            Route("/sse", endpoint=handle_sse, methods=["GET"]),
+            Mount("/messages/", app=transport.handle_post_message),
+        ]
+    )
+    return McpApp(app, notes=notes)
+
+
+# --- a tool catalog for tool policies --------------------------------------------------------
+
+CATALOG = ("search_repos", "search_issues", "get_issue", "delete_repo", "announce")
+
+
+class MemoryEventStore(EventStore):
+    """The SDK's resumability interface, in memory: every event a stream carried, numbered,
+    so a client that lost a POST's stream gets the rest of it on a GET with Last-Event-ID."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, str, JSONRPCMessage | None]] = []  # id, stream, message
+
+    async def store_event(self, stream_id: str, message: JSONRPCMessage | None) -> str:
+        event_id = str(len(self._events) + 1)
+        self._events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(
+        self, last_event_id: str, send_callback: EventCallback
+    ) -> str | None:
+        index = next((i for i, e in enumerate(self._events) if e[0] == last_event_id), None)
+        if index is None:
+            return None
+        stream_id = self._events[index][1]
+        for event_id, stream, message in self._events[index + 1 :]:
+            if stream == stream_id and message is not None:
+                await send_callback(EventMessage(message, event_id))
+        return stream_id
+
+
+class CatalogServer(MCPServer):
+    """An SDK server whose tools/list can be paged (`pages`: the tool names of each page, the
+    cursor a page's index) and can answer chosen pages only after closing the POST's event
+    stream (`replayed`), so a resuming client gets them on a GET stream (needs an event store)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        pages: tuple[tuple[str, ...], ...] | None = None,
+        replayed: frozenset[int] = frozenset(),
+    ) -> None:
+        super().__init__(name, version="2.0.0", log_level="WARNING")
+        self.pages = pages
+        self.replayed = replayed
+
+    async def _handle_list_tools(
+        self, ctx: ServerRequestContext[Any], params: PaginatedRequestParams | None
+    ) -> ListToolsResult:
+        tools = await self.list_tools()
+        if self.pages is None:
+            return ListToolsResult(tools=tools)
+        index = int(params.cursor) if params is not None and params.cursor else 0
+        by_name = {t.name: t for t in tools}
+        page = [by_name[name] for name in self.pages[index]]
+        if index in self.replayed and ctx.close_sse_stream is not None:
+            await ctx.close_sse_stream()  # the answer is stored, and replayed on a GET
+        more = index + 1 < len(self.pages)
+        return ListToolsResult(tools=page, next_cursor=str(index + 1) if more else None)
+
+
+def catalog_server(
+    name: str,
+    calls: list[str],
+    *,
+    pages: tuple[tuple[str, ...], ...] | None = None,
+    replayed: frozenset[int] = frozenset(),
+) -> CatalogServer:
+    """CATALOG's tools; every tool run is appended to `calls` by name, so a test can tell
+    which calls reached the server. `announce` tells the session its tool list changed
+    (outside any request: on the session's GET stream)."""
+    mcp = CatalogServer(name, pages=pages, replayed=replayed)
+
+    @mcp.tool()
+    def search_repos(query: str) -> str:
+        """Search repositories."""
+        calls.append("search_repos")
+        return f"repos matching {query}"
+
+    @mcp.tool()
+    def search_issues(query: str) -> str:
+        """Search issues."""
+        calls.append("search_issues")
+        return f"issues matching {query}"
+
+    @mcp.tool()
+    def get_issue(number: int) -> str:
+        """Fetch one issue."""
+        calls.append("get_issue")
+        return f"issue {number}"
+
+    @mcp.tool()
+    def delete_repo(repo: str) -> str:
+        """Delete a repository."""
+        calls.append("delete_repo")
+        return f"deleted {repo}"
+
+    @mcp.tool()
+    async def announce(ctx: Context) -> str:
+        """Tell the client that the tool list changed."""
+        calls.append("announce")
+        await ctx.session.send_tool_list_changed()
+        return "announced"
+
+    return mcp
+
+
+def catalog_app(
+    *,
+    pages: tuple[tuple[str, ...], ...] | None = None,
+    replayed: frozenset[int] = frozenset(),
+) -> McpApp:
+    """catalog_server() over Streamable HTTP at /mcp (sessions for 2025 clients, stateless for
+    2026-07-28 ones); with `replayed` pages, an event store makes the session resumable."""
+    notes: list[str] = []
+    mcp = catalog_server("catalog", notes, pages=pages, replayed=replayed)
+    app = mcp.streamable_http_app(
+        transport_security=LOOPBACK_ONLY,
+        session_idle_timeout=60,
+        event_store=MemoryEventStore() if replayed else None,
+        retry_interval=20 if replayed else None,  # ms the client waits before resuming
+    )
+    return McpApp(app, notes=notes)
+
+
+def catalog_sse_app() -> McpApp:
+    """catalog_server() over the legacy HTTP+SSE transport (GET /sse, POST /messages/)."""
+    notes: list[str] = []
+    lowlevel = catalog_server("catalog-legacy", notes)._lowlevel_server
     transport = SseServerTransport("/messages/", security_settings=LOOPBACK_ONLY)
 
     async def handle_sse(request: Request) -> Response:
