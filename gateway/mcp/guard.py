@@ -68,6 +68,7 @@ class ToolGuard:
                 limit=self.max_inspect_bytes,
                 mcp_method=headers.getall("Mcp-Method", ()),
                 mcp_name=headers.getall("Mcp-Name", ()),
+                content_encoding=headers.getall("Content-Encoding", ()),
             )
         except InspectError as exc:
             return ApiError(exc.status, exc.code, exc.message).response()

@@ -81,10 +81,12 @@ def inspect(
     limit: int,
     mcp_method: Sequence[str] = (),
     mcp_name: Sequence[str] = (),
+    content_encoding: Sequence[str] = (),
 ) -> Inspection:
     """The messages in `body`, or InspectError (413, invalid_jsonrpc, header_mismatch)."""
     if len(body) > limit:
         raise too_large(limit)
+    _plain(content_encoding)
     decoded = _decode(body)
     if isinstance(decoded, list):
         if not decoded:
@@ -94,6 +96,16 @@ def inspect(
         inspection = Inspection((_message(decoded),), batch=False)
     _agree(inspection, mcp_method, mcp_name)
     return inspection
+
+
+def _plain(content_encoding: Sequence[str]) -> None:
+    """Refuse a body sent with a Content-Encoding. As sent it is not JSON; and whatever the
+    gateway made of it (aiohttp's server decodes gzip and deflate on the way in, leaving the
+    header) is not what the upstream would act on: it gets the header with other bytes."""
+    for value in content_encoding:
+        for coding in value.split(","):
+            if coding.strip().lower() not in ("", "identity"):
+                raise invalid(f"a {coding.strip()!r}-encoded body cannot be inspected")
 
 
 def _decode(body: bytes) -> Any:
