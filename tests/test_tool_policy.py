@@ -13,11 +13,14 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx2
 import pytest
@@ -42,7 +45,7 @@ from tests.mcp_servers import (
     catalog_sse_app,
     serve,
 )
-from tests.processes import free_port
+from tests.processes import ServeProcess, free_port
 from tests.support import (
     NO_BODY,
     Keystile,
@@ -810,3 +813,197 @@ async def test_a_key_without_a_policy_is_never_inspected(stack: Stack) -> None:
     headers = {"Mcp-Method": "tools/list", "Mcp-Name": "other"}
     status, _, _ = await stack.post("echo", plain.key, encoded(tool_call("delete_repo")), headers)
     assert status == 200
+
+
+# --- 4. Changes take effect at once ----------------------------------------------------------
+
+
+async def denied_now(client: Client, tool: str, arguments: dict[str, Any]) -> bool:
+    """Call `tool`: False if it ran, True if the gateway denied it."""
+    try:
+        text(await client.call_tool(tool, arguments))
+    except MCPError as exc:
+        assert_denied(exc, tool)
+        return True
+    return False
+
+
+async def test_narrowing_takes_effect_on_the_next_request_and_is_audited(stack: Stack) -> None:
+    member = await stack.member(tools=["github/*"])
+    async with stateless(stack.url("github"), member) as client:
+        assert not await denied_now(client, "get_issue", {"number": 1})
+        narrowed = {"tools": ["github/search_*"]}
+        reply = await stack.api("PATCH", f"/api/keys/{member.key_id}", narrowed)
+        assert reply.status == 200 and reply.body["tools"] == narrowed["tools"], reply.text
+        assert await denied_now(client, "get_issue", {"number": 2})  # the very next request
+        assert not await denied_now(client, "search_repos", {"query": "a"})
+
+        user_tools = ["github/*", "!github/search_repos"]
+        reply = await stack.api("PUT", f"/api/users/{member.user_id}/tools", {"tools": user_tools})
+        assert reply.status == 200 and reply.body["tools"] == user_tools, reply.text
+        assert await denied_now(client, "search_repos", {"query": "b"})
+        assert not await denied_now(client, "search_issues", {"query": "c"})
+        listed = await client.list_tools(cache_mode="refresh")
+        assert names(listed.tools) == ["search_issues"]
+    assert stack.github.notes == ["get_issue", "search_repos", "search_issues"]
+
+    reply = await stack.api("GET", "/api/audit")
+    assert reply.status == 200
+    events = {(e["action"], e["target_id"]): e for e in reply.body["events"]}
+    key_change = events["key.update", member.key_id]
+    assert key_change["changes"] == {"tools": {"from": ["github/*"], "to": ["github/search_*"]}}
+    user_change = events["user.tools", member.user_id]
+    assert user_change["changes"] == {"tools": {"from": None, "to": user_tools}}
+    for event in (key_change, user_change):
+        assert event["actor_key_id"] == stack.admin.record.id
+        assert event["actor_user_id"] == stack.admin.record.user_id
+
+
+async def invalidations(admin_url: str) -> float:
+    """A process's count of invalidations heard (its admin /metrics)."""
+    async with aiohttp.ClientSession() as http, http.get(f"{admin_url}/metrics") as resp:
+        assert resp.status == 200
+        found = re.search(r"^keystile_invalidations_total (\S+)$", await resp.text(), re.M)
+    assert found is not None
+    return float(found.group(1))
+
+
+async def test_narrowing_reaches_another_instance(
+    stack: Stack, database_url: str, tmp_path: Path
+) -> None:
+    member = await stack.member(tools=["github/*"])
+    # Started after the key was made, so no NOTIFY of its making is still on the way there:
+    # once it has the key cached (for keys.cache_ttl_seconds, 300 s), only the NOTIFY of a
+    # change can make it see that change before the deadline.
+    other = ServeProcess(
+        database_url,
+        tmp_path,
+        extra_toml=f'[mcp_servers.github]\nurl = "{stack.github.origin}/mcp"\n',
+    )
+    try:
+        await other.wait_ready()
+        async with stateless(f"{other.gateway}/mcp-connect/github", member) as client:
+            assert not await denied_now(client, "get_issue", {"number": 1})
+            assert not await denied_now(client, "search_repos", {"query": "a"})
+            heard = await invalidations(other.admin)
+
+            reply = await stack.api(
+                "PATCH", f"/api/keys/{member.key_id}", {"tools": ["github/search_*"]}
+            )
+            assert reply.status == 200, reply.text
+            await wait_until(
+                lambda: denied_now(client, "get_issue", {"number": 2}),
+                interval=0.1,
+                message="the other instance still allows the narrowed key's tool",
+            )
+            assert await invalidations(other.admin) > heard
+            assert not await denied_now(client, "search_repos", {"query": "b"})
+
+            reply = await stack.api(
+                "PUT", f"/api/users/{member.user_id}/tools", {"tools": ["github/get_*"]}
+            )
+            assert reply.status == 200, reply.text
+            await wait_until(
+                lambda: denied_now(client, "search_repos", {"query": "c"}),
+                interval=0.1,
+                message="the other instance still allows the user's withdrawn tool",
+            )
+    finally:
+        other.close()
+    assert "get_issue" not in stack.github.notes[2:]  # after the narrowing, never again
+
+
+# --- 5. /api/me ------------------------------------------------------------------------------
+
+
+async def test_api_me_shows_the_tools(stack: Stack) -> None:
+    async def me(member: Member) -> dict[str, Any]:
+        status, _, body = await stack.ks.request("GET", "/api/me", member.key)
+        assert status == 200
+        return {
+            "key": body["key"]["tools"],
+            "user": body["user"]["tools"],
+            "effective": body["key"]["effective_tools"],
+        }
+
+    plain = await stack.member()
+    assert await me(plain) == {"key": None, "user": None, "effective": None}
+
+    both = await stack.member(
+        tools=["github/*", "!github/delete_*"],
+        user_tools=["github/search_*", "legacy/*"],
+        servers=["github", "legacy"],
+    )
+    assert await me(both) == {
+        "key": ["github/*", "!github/delete_*"],
+        "user": ["github/search_*", "legacy/*"],
+        "effective": ["github/search_*", "!github/delete_*"],
+    }
+
+    # Only exclusions, on the user: every tool of every server in scope but those.
+    excluding = await stack.member(user_tools=["!*/delete_*"], servers=["github", "pages"])
+    assert await me(excluding) == {
+        "key": None,
+        "user": ["!*/delete_*"],
+        "effective": ["github/*", "pages/*", "!*/delete_*"],
+    }
+
+
+# --- 6. Discovery: GET /api/servers/{name}/tools ---------------------------------------------
+
+
+async def test_discovery_lists_a_servers_tools(stack: Stack) -> None:
+    descriptions = {
+        "search_repos": "Search repositories.",
+        "search_issues": "Search issues.",
+        "get_issue": "Fetch one issue.",
+        "delete_repo": "Delete a repository.",
+        "announce": "Tell the client that the tool list changed.",
+    }
+    reply = await stack.api("GET", "/api/servers/github/tools")
+    assert reply.status == 200, reply.text
+    assert reply.body["server"] == "github"
+    assert reply.body["tools"] == [{"name": n, "description": descriptions[n]} for n in CATALOG]
+    assert reply.body["fetched_at"].endswith("Z")
+    # Asked as a client would, with the server's configured upstream headers (and no key).
+    asked = list(stack.github.exchanges)
+    assert asked and {e.method for e in asked} >= {"POST"}
+    for exchange in asked:
+        assert exchange.header("x-upstream-token") == UPSTREAM_TOKEN
+        assert exchange.header("authorization") is None
+        assert stack.admin.key not in repr(exchange.request_headers)
+
+    # Cached: asked again at once, the server hears nothing.
+    again = await stack.api("GET", "/api/servers/github/tools")
+    assert again.status == 200 and again.body == reply.body
+    assert len(stack.github.exchanges) == len(asked)
+
+    # The legacy transport, and a paginated list (every page, one resumed on a GET).
+    legacy = await stack.api("GET", "/api/servers/legacy/tools")
+    assert legacy.status == 200, legacy.text
+    assert names(legacy.body["tools"]) == list(CATALOG)
+    assert stack.legacy.requests("GET", "/sse")
+    paged = await stack.api("GET", "/api/servers/pages/tools")
+    assert paged.status == 200, paged.text
+    assert names(paged.body["tools"]) == [name for page in PAGES for name in page]
+
+    # A server that cannot be reached; an unknown one.
+    assert_error(await stack.api("GET", "/api/servers/down/tools"), 502, "bad_gateway")
+    assert_error(await stack.api("GET", "/api/servers/nowhere/tools"), 404)
+
+
+async def test_discovery_for_a_member_covers_only_their_servers(stack: Stack) -> None:
+    member = await stack.member(grants=["github"], permissions=["keys"])
+    reply = await stack.api("GET", "/api/servers/github/tools", key=member.key)
+    assert reply.status == 200, reply.text
+    assert names(reply.body["tools"]) == list(CATALOG)
+    # A configured server the member's user was not granted: as unknown as a made-up name.
+    hidden = await stack.api("GET", "/api/servers/legacy/tools", key=member.key)
+    unknown = await stack.api("GET", "/api/servers/nowhere/tools", key=member.key)
+    for refused in (hidden, unknown):
+        assert_error(refused, 404)
+    assert hidden.body == unknown.body
+    assert stack.legacy.exchanges == []
+    # An mcp-only key may not ask at all.
+    mcp_only = await stack.member(grants=["github"])
+    assert_error(await stack.api("GET", "/api/servers/github/tools", key=mcp_only.key), 403)
