@@ -23,6 +23,7 @@ from admin.service import KeyAdmin, UserAdmin
 from gateway import policy
 from gateway.errors import ApiError, not_found
 from gateway.headers import TrustedProxies
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.models import ApiKey, User, iso
 from gateway.runtime import Runtime
 
@@ -229,10 +230,10 @@ async def healthz(_: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    runtime.metrics.cached_keys = len(runtime.cache)
-    runtime.metrics.last_used_pending = runtime.usage.pending
-    runtime.metrics.listener_up = int(runtime.listener.connected)
-    return web.Response(text=runtime.metrics.render(), content_type="text/plain")
+    runtime.refresh_gauges()
+    return web.Response(
+        body=runtime.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
 
 
 async def openapi(_: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -97,12 +98,12 @@ class Authenticator:
             secret = entry.match(ref.fingerprint)
             if secret is not None and _within(secret.valid_until):
                 if self._cache.trusted:
-                    self._metrics.cache_hits += 1
+                    self._metrics.cache_hits.inc()
                     return entry.principal
                 revalidated = await self._revalidate(ref, entry)
                 if revalidated is not None:
                     return revalidated
-        self._metrics.cache_misses += 1
+        self._metrics.cache_misses.inc()
         assert token is not None
         shared = self._inflight.get(ref.fingerprint)
         if shared is not None:  # the same credential is being verified: share that answer
@@ -148,7 +149,7 @@ class Authenticator:
         return ref
 
     def _refuse(self) -> NoReturn:
-        self._metrics.auth_failures += 1
+        self._metrics.auth_failures.inc()
         raise invalid_key()
 
     async def _single_flight(self, ref: KeyRef, token: str, clean: bool) -> Principal | None:
@@ -171,7 +172,7 @@ class Authenticator:
         try:
             loaded = await self._store.load_principal(ref.key_id)
         except STORE_ERRORS as exc:
-            self._metrics.store_errors += 1
+            self._metrics.store_errors.inc()
             log.warning("key store unreachable: %s", type(exc).__name__)
             raise store_unavailable() from None
         if loaded is None or loaded[0].key.user_id != ref.user_id:
@@ -193,12 +194,12 @@ class Authenticator:
         cached principal stands (a partition of this process alone is the limit: README).
         None means "verify from scratch" (the key was rotated).
         """
-        self._metrics.cache_revalidations += 1
+        self._metrics.cache_revalidations.inc()
         epoch = self._cache.epoch
         try:
             loaded = await self._store.load_principal(ref.key_id)
         except STORE_ERRORS:
-            self._metrics.store_errors += 1
+            self._metrics.store_errors.inc()
             return entry.principal
         if loaded is None or generation(loaded[1].current) != entry.hash_generation:
             self._cache.evict_key(ref.key_id)
@@ -221,11 +222,14 @@ class Authenticator:
         """One verification in the bounded thread pool, waiting its turn in the fair queue."""
         await self._queue.acquire(clean)
         try:
-            self._metrics.argon2_verifications += 1
+            self._metrics.argon2_verifications.inc()
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
+            started = time.perf_counter()
+            verified = await loop.run_in_executor(
                 self._executor, self._hasher.verify, stored_hash, full_key
             )
+            self._metrics.argon2_seconds.observe(time.perf_counter() - started)
+            return verified
         finally:
             self._queue.release()
 

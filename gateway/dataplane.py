@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -63,10 +64,13 @@ class DataPlane:
         self._trusted = forwarder.trusted
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        kind = "invalid"
+        started = time.monotonic()
+        kind, server = "invalid", ""
         try:
             route = paths.route(request.raw_path)
             kind = route.kind
+            if route.server in self._server_names:  # a label: configured names only
+                server = route.server
             response = await self._dispatch(request, route)
         except paths.PathError as exc:
             message = f"The request path is not acceptable: {exc}."
@@ -79,7 +83,7 @@ class DataPlane:
             log.exception("data-plane request failed (incident %s)", incident)
             message = f"Internal error (incident {incident})."
             response = ApiError(500, "internal_error", message).response()
-        self._metrics.requests[(kind, response.status)] += 1
+        self._metrics.request(kind, server, response.status, time.monotonic() - started)
         return response
 
     async def _dispatch(self, request: web.BaseRequest, route: paths.Route) -> web.StreamResponse:
@@ -139,6 +143,7 @@ class DataPlane:
             transform=transform,
             body_check=body_check,
             plain_answer=body_check is not None,
+            label=route.server if route.kind == "mcp" else "",
             response_headers=limit_headers,
         )
 

@@ -91,7 +91,7 @@ class InvalidationListener:
             self._cache.trusted = True
             self.connection_pid = conn.get_server_pid()
             self._subscribed.set()
-            self._metrics.listener_connects += 1
+            self._metrics.listener_connects.inc()
             log.info("invalidation listener subscribed (backend pid %s)", self.connection_pid)
             await self._watch(conn, lost)
         finally:
@@ -116,7 +116,7 @@ class InvalidationListener:
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         kind, _, target = str(payload).partition(":")
-        self._metrics.invalidations += 1
+        self._metrics.invalidations.inc()
         if kind == "key":
             self._cache.evict_key(target)
         elif kind == "user":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 
 from aiohttp import StreamReader, web
@@ -101,11 +102,14 @@ class Forwarder:
         body_check: BodyCheck | None = None,
         plain_answer: bool = False,
         response_headers: Mapping[str, str] | None = None,
+        label: str = "",
     ) -> web.StreamResponse:
-        """Forward `request` to `url`. `body_check`, if given, judges a POST body (read whole)
-        before anything goes upstream; `transform`, if given, may rewrite the answer's body
-        (see gateway.transform); `plain_answer` asks the upstream for an unencoded answer,
-        for a transform that must read every answer."""
+        """Forward `request` to `url` (`label`: the configured server, for metrics).
+
+        `body_check`, if given, judges a POST body (read whole) before anything goes upstream;
+        `transform`, if given, may rewrite the answer's body (see gateway.transform);
+        `plain_answer` asks the upstream for an unencoded answer, for a transform that must
+        read every answer."""
         limit = self._settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -134,9 +138,11 @@ class Forwarder:
             return _client_gone()
         watch = self._watchdog.watch(request)
         try:
+            sent = time.monotonic()
             upstream = await self._send(request, url, headers, data, watch)
             if isinstance(upstream, web.StreamResponse):
                 return upstream
+            self._metrics.upstream_headers(label, time.monotonic() - sent)
             async with upstream:
                 return await self._stream_back(
                     request, upstream, transform, response_headers, watch
@@ -179,7 +185,7 @@ class Forwarder:
         if the client left (nobody reads it), 504 past the deadline, else 502."""
         if watch.reason == "client":
             return _client_gone()
-        self._metrics.upstream_errors += 1
+        self._metrics.upstream_errors.inc()
         if watch.reason == "deadline":
             raise upstream_timeout()
         log.warning("%s", problem)
@@ -299,7 +305,7 @@ class Forwarder:
             return response  # the client went away
         except StreamRefused as exc:
             # Headers are out: cut the connection, so the client never completes the event.
-            self._metrics.upstream_errors += 1
+            self._metrics.upstream_errors.inc()
             log.warning("refused an upstream stream: %s", exc)
             _abort(request)
             return response
@@ -310,7 +316,7 @@ class Forwarder:
                 await _end_quietly(response)
                 return response
             # Headers are out: the only honest signal left is cutting the connection.
-            self._metrics.upstream_errors += 1
+            self._metrics.upstream_errors.inc()
             if watch.reason == "idle":
                 log.warning("upstream stream idle past stream_idle_timeout")
             else:

@@ -45,6 +45,11 @@ class Runtime:
     # One budget per key across both planes.
     rate_limiter: KeyRateLimiter
 
+    def refresh_gauges(self) -> None:
+        """Gauges that are read off the process rather than counted as things happen."""
+        self.metrics.cached_keys.set(len(self.cache))
+        self.metrics.listener_up.set(int(self.listener.connected))
+
     async def readiness(self) -> dict[str, bool]:
         """Readiness for /readyz: the store answers and the invalidation listener is up."""
         try:
@@ -54,6 +59,13 @@ class Runtime:
         except STORE_ERRORS:
             store_ok = False
         return {"store": store_ok, "listener": self.listener.connected}
+
+
+async def _refresh_gauges_every_second(runtime: Runtime) -> None:
+    # Under --workers a scrape sums every worker's gauges, so each keeps its own current.
+    while True:
+        runtime.refresh_gauges()
+        await asyncio.sleep(1.0)
 
 
 def make_hasher(settings: Settings) -> KeyHasher:
@@ -123,9 +135,11 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
     )
     await listener.start(wait=settings.database.connect_timeout)
     usage.start()
+    gauges = asyncio.create_task(_refresh_gauges_every_second(runtime))
     try:
         yield runtime
     finally:
+        gauges.cancel()
         await listener.stop()
         await usage.stop()
         authenticator.close()

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ import asyncpg
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from gateway.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("keystile")
 
@@ -148,8 +150,19 @@ def _supervise(args: argparse.Namespace, url: str) -> int:
     command = [sys.executable, "-m", "keystile.cli", "serve", "--worker"]
     if args.config:
         command += ["--config", args.config]
-    env = {**os.environ, "DATABASE_URL": url}
-    workers = [subprocess.Popen(command, env=env) for _ in range(args.workers)]  # noqa: S603
+    # One directory for every worker's metrics, so a scrape of any of them sums them all:
+    # PROMETHEUS_MULTIPROC_DIR if the operator chose one (it must start empty), else our own.
+    chosen = os.environ.get(MULTIPROC_ENV)
+    with contextlib.ExitStack() as stack:
+        metrics_dir = chosen or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="keystile-metrics-")
+        )
+        env = {**os.environ, "DATABASE_URL": url, MULTIPROC_ENV: metrics_dir}
+        return _run_workers(command, env, args.workers)
+
+
+def _run_workers(command: list[str], env: dict[str, str], count: int) -> int:
+    workers = [subprocess.Popen(command, env=env) for _ in range(count)]  # noqa: S603
 
     def forward(signum: int, _frame: object) -> None:
         for worker in workers:

@@ -589,8 +589,12 @@ def test_nginx_conf_passes_nginx_t(tmp_path: Path) -> None:
 
 
 def requests_by_route(metrics: str, route: str, status: int) -> int:
-    pattern = rf'^keystile_requests_total\{{route="{route}",status="{status}"\}} (\d+)$'
-    return sum(int(n) for n in re.findall(pattern, metrics, re.M))
+    status_class = f"{status // 100}xx"
+    pattern = (
+        rf'^keystile_requests_total\{{route="{route}",server="[^"]*",'
+        rf'status_class="{status_class}"\}} ([0-9.e+]+)$'
+    )
+    return sum(int(float(n)) for n in re.findall(pattern, metrics, re.M))
 
 
 async def get_text(http: aiohttp.ClientSession, url: str) -> str:
@@ -1040,7 +1044,7 @@ async def test_the_migration_jobs_command_migrates_an_empty_database(
 
 def test_deploy_readme_names_every_metric_and_only_real_ones() -> None:
     readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
-    exported = set(re.findall(r"^# TYPE (keystile_\w+)", Metrics().render(), re.M))
+    exported = set(re.findall(r"^# TYPE (keystile_\w+)", Metrics().render().decode(), re.M))
     # The metrics table: one row per metric, its name first.
     named = set(re.findall(r"^\|\s*`(keystile_\w+)`", readme, re.M))
     assert named - exported == set(), "metrics the README names that do not exist"

@@ -32,7 +32,7 @@ async def test_last_used_is_set_by_the_periodic_flush(
         # Still running (no shutdown flush): only the periodic flush can write it.
         await wait_until(written, message="the periodic flush never wrote last_used_at")
         assert await last_used(database_url, unused.record.id) is None
-        assert ks.runtime.metrics.last_used_flushes >= 1
+        assert ks.runtime.metrics.count("last_used_flushes") >= 1
 
 
 async def test_last_used_is_flushed_at_shutdown(database_url: str, upstream: Upstream) -> None:
