@@ -1,0 +1,422 @@
+"""Call records in PostgreSQL: the batch write, the roll-ups, retention and the reads (SPEC §7).
+
+A batch is one transaction: the raw records go into `calls` with COPY and the batch's hourly
+roll-ups, aggregated here first, are added into `usage_hourly` with one upsert. A failed write
+leaves neither behind, so the write-behind's retry (gateway.usage) counts each record once.
+
+Usage is read from the roll-ups only (hour granularity); the raw rows serve the newest-first
+pages of GET /api/calls. SQL is built from the constants below: filters and groupings pick
+fixed fragments from whitelists, and every value is bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from gateway.calls import BUCKETS, DURATION_BUCKETS_MS, CallRecord, bucket_of, percentile_ms
+
+log = logging.getLogger("keystile.usage")
+
+# --- the write ---
+
+CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+BUCKET_COLUMNS: tuple[str, ...] = tuple(f"d{i}" for i in range(BUCKETS))
+# The roll-up's primary key in index order; batches upsert in this order so that two
+# processes adding to the same rows lock them in the same order (no deadlock).
+HOURLY_KEY = ("workspace_id", "key_id", "hour", "server", "tool", "status")
+HOURLY_COLUMNS = (
+    "hour",
+    "workspace_id",
+    "key_id",
+    "user_id",
+    "server",
+    "tool",
+    "status",
+    "requests",
+    "errors",
+    "bytes_in",
+    "bytes_out",
+    *BUCKET_COLUMNS,
+)
+_HOURLY_TYPES = ("timestamptz", *["text"] * 5, "smallint", *["bigint"] * 4, *["int"] * BUCKETS)
+_COUNTERS = ("requests", "errors", "bytes_in", "bytes_out", *BUCKET_COLUMNS)
+# Past this length a text field is cut: a client chooses tool names and request ids, and
+# a record's size must stay bounded whatever it sends.
+MAX_TEXT = 256
+
+UPSERT_HOURLY = f"""
+INSERT INTO usage_hourly AS u ({", ".join(HOURLY_COLUMNS)})
+SELECT {", ".join(HOURLY_COLUMNS)}
+FROM unnest({", ".join(f"${n}::{t}[]" for n, t in enumerate(_HOURLY_TYPES, 1))})
+     WITH ORDINALITY AS v({", ".join(HOURLY_COLUMNS)}, ord)
+ORDER BY ord
+ON CONFLICT ({", ".join(HOURLY_KEY)}) DO UPDATE
+SET {", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in _COUNTERS)}
+"""
+
+
+def _bucket_filters() -> str:
+    # $1 is DURATION_BUCKETS_MS as float8[] (1-based): d<i> counts durations in
+    # ($1[i], $1[i+1]], as gateway.calls.bucket_of places them.
+    b = "($1::float8[])"
+    parts = [f"count(*) FILTER (WHERE duration_ms <= {b}[1])::int"]
+    parts += [
+        f"count(*) FILTER (WHERE duration_ms > {b}[{i}] AND duration_ms <= {b}[{i + 1}])::int"
+        for i in range(1, BUCKETS - 1)
+    ]
+    parts.append(f"count(*) FILTER (WHERE duration_ms > {b}[{BUCKETS - 1}])::int")
+    return ",\n       ".join(parts)
+
+
+# The roll-ups of the raw rows, computed in SQL: what write_calls must have added up (tests
+# compare the two), and how a table of raw rows gets its roll-ups in one statement.
+HOURLY_FROM_CALLS = f"""
+SELECT date_trunc('hour', time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
+       workspace_id, key_id, user_id, COALESCE(server, '') AS server,
+       COALESCE(tool, '') AS tool, status,
+       count(*) AS requests, count(*) FILTER (WHERE status >= 400) AS errors,
+       sum(bytes_in)::bigint AS bytes_in, sum(bytes_out)::bigint AS bytes_out,
+       {_bucket_filters()}
+FROM calls
+GROUP BY 1, 2, 3, 4, 5, 6, 7
+"""
+# Into an empty roll-up table (no ON CONFLICT: adding twice must fail, not double-count).
+BUILD_HOURLY = f"INSERT INTO usage_hourly ({', '.join(HOURLY_COLUMNS)}) {HOURLY_FROM_CALLS}"
+
+
+def _clean(value: str) -> str:
+    """Text PostgreSQL accepts, of bounded length: no NUL, no lone surrogates.
+
+    A value the database refuses would fail its whole batch on every retry and stop
+    recording altogether, so anything a client may have chosen is made storable here.
+    """
+    value = value[:MAX_TEXT]
+    if not value.isascii():
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def _optional(value: str | None) -> str | None:
+    return None if value is None else _clean(value)
+
+
+def _stored(record: CallRecord) -> tuple[Any, ...]:
+    """The record as a row of `calls` (CALL_COLUMNS order): cleaned, the time a datetime."""
+    when = datetime.fromtimestamp(record.time, UTC)
+    duration = record.duration_ms
+    if not (math.isfinite(duration) and duration >= 0):
+        duration = 0.0
+    return (
+        when,
+        _clean(record.request_id),
+        _clean(record.workspace_id),
+        _clean(record.user_id),
+        _clean(record.key_id),
+        record.route,
+        _optional(record.server),
+        _optional(record.mcp_method),
+        _optional(record.tool),
+        record.status,
+        duration,
+        max(0, record.bytes_in),
+        max(0, record.bytes_out),
+        _clean(record.client),
+    )
+
+
+Counts = list[int]  # requests, errors, bytes_in, bytes_out, then one count per bucket
+
+
+def hourly_rollups(rows: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], Counts]:
+    """The roll-ups of stored rows (CALL_COLUMNS order), keyed in HOURLY_KEY order plus
+    user_id: (workspace_id, key_id, hour, server, tool, status, user_id)."""
+    out: dict[tuple[Any, ...], Counts] = {}
+    for row in rows:
+        (when, _, workspace, user, key, _, server, _, tool, status, duration, b_in, b_out, _) = row
+        hour = when.replace(minute=0, second=0, microsecond=0)
+        group = (workspace, key, hour, server or "", tool or "", status, user)
+        counts = out.get(group)
+        if counts is None:
+            counts = out[group] = [0] * (4 + BUCKETS)
+        counts[0] += 1
+        counts[1] += status >= 400
+        counts[2] += b_in
+        counts[3] += b_out
+        counts[4 + bucket_of(duration)] += 1
+    return out
+
+
+def _upsert_args(rollups: Mapping[tuple[Any, ...], Counts]) -> list[list[Any]]:
+    """One array per HOURLY_COLUMNS entry, rows sorted in primary-key order."""
+    columns: list[list[Any]] = [[] for _ in HOURLY_COLUMNS]
+    for group in sorted(rollups, key=lambda g: g[:6]):
+        workspace, key, hour, server, tool, status, user = group
+        values = (hour, workspace, key, user, server, tool, status, *rollups[group])
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
+
+
+async def write_calls(pool: asyncpg.Pool, batch: Sequence[CallRecord]) -> None:
+    """COPY a batch into `calls` and add its roll-ups, in one transaction."""
+    if not batch:
+        return
+    rows = [_stored(record) for record in batch]
+    args = _upsert_args(hourly_rollups(rows))
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.copy_records_to_table("calls", records=rows, columns=CALL_COLUMNS)
+        await conn.execute(UPSERT_HOURLY, *args)
+
+
+# --- retention ---
+
+# Whoever takes this lock prunes a batch; the others skip their round (one pruner is enough,
+# and several would only queue on the same rows). Transaction-scoped, so it is safe behind a
+# transaction-mode pooler.
+PRUNE_LOCK_ID = 0x6B737072  # "kspr"
+TRY_PRUNE_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+PRUNE_CALLS = """
+DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE time < $1 ORDER BY time LIMIT $2)
+"""
+# A roll-up row goes once its whole hour is past retention (hour + 1 h <= cutoff).
+PRUNE_HOURLY = """
+DELETE FROM usage_hourly WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM usage_hourly WHERE hour < date_trunc('hour', $1 AT TIME ZONE 'UTC')
+                                               AT TIME ZONE 'UTC'
+    ORDER BY hour LIMIT $2))
+"""
+PRUNE_BATCH = 10_000  # rows per DELETE: each holds its row locks for a short transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    calls: int
+    hourly: int
+    skipped: bool = False  # another process held the prune lock
+
+
+async def prune(
+    pool: asyncpg.Pool,
+    retention_days: int,
+    *,
+    now: datetime | None = None,
+    batch_size: int = PRUNE_BATCH,
+) -> Pruned:
+    """Delete raw records older than the retention and roll-ups of hours wholly before it,
+    `batch_size` rows per transaction."""
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
+    calls = await _prune_table(pool, PRUNE_CALLS, cutoff, batch_size)
+    if calls is None:
+        return Pruned(0, 0, skipped=True)
+    hourly = await _prune_table(pool, PRUNE_HOURLY, cutoff, batch_size)
+    return Pruned(calls, hourly or 0, skipped=hourly is None)
+
+
+async def _prune_table(
+    pool: asyncpg.Pool, statement: str, cutoff: datetime, batch_size: int
+) -> int | None:
+    """Rows deleted, or None when another process holds the prune lock."""
+    total = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(TRY_PRUNE_LOCK, PRUNE_LOCK_ID):
+                return None if total == 0 else total
+            status = await conn.execute(statement, cutoff, batch_size)
+        deleted = int(status.rsplit(" ", 1)[1])  # "DELETE <n>"
+        total += deleted
+        if deleted < batch_size:
+            return total
+
+
+class RetentionTask:
+    """Prunes past-retention records at start and then every `interval` seconds."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        retention_days: int,
+        *,
+        interval: float = 3600.0,
+        batch_size: int = PRUNE_BATCH,
+    ) -> None:
+        self._pool = pool
+        self._days = retention_days
+        self._interval = interval
+        self._batch = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self.last: Pruned | None = None  # the latest round's outcome (None before, or failed)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="keystile-usage-retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def prune_once(self) -> Pruned | None:
+        """One round; a failure (e.g. the database is away) is logged and tried next round."""
+        try:
+            self.last = await prune(self._pool, self._days, batch_size=self._batch)
+        except Exception as exc:
+            log.warning("usage retention failed (%s); retried next round", type(exc).__name__)
+            self.last = None
+            return None
+        if self.last.calls or self.last.hourly:
+            log.info("usage retention: %d calls, %d hourly rows", self.last.calls, self.last.hourly)
+        return self.last
+
+    async def _run(self) -> None:
+        while True:
+            await self.prune_once()
+            await asyncio.sleep(self._interval)
+
+
+# --- reads ---
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which records a read covers: always one workspace, then optional equality filters.
+
+    The caller decides visibility (admin.usage): a member's scope always carries their user.
+    """
+
+    workspace_id: str
+    user_id: str | None = None
+    key_id: str | None = None
+    server: str | None = None
+    tool: str | None = None
+    status: int | None = None
+
+
+# Filters become `AND <column> = $n` only when given: a statement per combination, each with
+# a plan that uses its index (an `$n IS NULL OR column = $n` form would get a generic plan
+# that cannot).
+FILTER_COLUMNS = ("user_id", "key_id", "server", "tool", "status")
+
+# group_by dimension -> (output field, SQL expression over usage_hourly).
+DIMENSIONS: dict[str, tuple[str, str]] = {
+    "key": ("key_id", "key_id"),
+    "user": ("user_id", "user_id"),
+    "server": ("server", "NULLIF(server, '')"),
+    "tool": ("tool", "NULLIF(tool, '')"),
+    "status": ("status", "status"),
+    "hour": ("hour", "hour"),
+    "day": ("day", "(hour AT TIME ZONE 'UTC')::date"),
+}
+USAGE = """
+SELECT {dimensions}COALESCE(sum(requests), 0)::bigint AS requests,
+       COALESCE(sum(errors), 0)::bigint AS errors,
+       COALESCE(sum(bytes_in), 0)::bigint AS bytes_in,
+       COALESCE(sum(bytes_out), 0)::bigint AS bytes_out,
+       {buckets}
+FROM usage_hourly
+WHERE workspace_id = $1 AND hour >= $2 AND hour < $3{filters}
+{grouping}
+"""
+_BUCKET_SUMS = ", ".join(f"COALESCE(sum({c}), 0)::bigint AS {c}" for c in BUCKET_COLUMNS)
+
+CALLS_PAGE = f"""
+SELECT id, {", ".join(CALL_COLUMNS)}
+FROM calls
+WHERE workspace_id = $1{{filters}}
+ORDER BY id DESC
+LIMIT ${{limit}}
+"""
+
+
+def _filters(scope: Scope, first: int) -> tuple[str, list[Any]]:
+    """`AND column = $n` for each filter given, numbered from `first`, and their values."""
+    sql: list[str] = []
+    values: list[Any] = []
+    for column in FILTER_COLUMNS:
+        value = getattr(scope, column)
+        if value is not None:
+            values.append(value)
+            sql.append(f" AND {column} = ${first + len(values) - 1}")
+    return "".join(sql), values
+
+
+def usage_sql(scope: Scope, group_by: Sequence[str]) -> tuple[str, list[Any]]:
+    """The statement for these filters and dimensions, and the filter values ($4 on)."""
+    where, values = _filters(scope, 4)
+    if not group_by:
+        return USAGE.format(dimensions="", buckets=_BUCKET_SUMS, filters=where, grouping=""), values
+    selected = "".join(f"{DIMENSIONS[d][1]} AS {DIMENSIONS[d][0]}, " for d in group_by)
+    positions = ", ".join(str(n) for n in range(1, len(group_by) + 1))
+    grouping = f"GROUP BY {positions} ORDER BY {positions}"
+    sql = USAGE.format(dimensions=selected, buckets=_BUCKET_SUMS, filters=where, grouping=grouping)
+    return sql, values
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    return value
+
+
+def _usage_row(row: asyncpg.Record, group_by: Sequence[str]) -> dict[str, Any]:
+    out = {DIMENSIONS[d][0]: _json_value(row[DIMENSIONS[d][0]]) for d in group_by}
+    buckets = [int(row[c]) for c in BUCKET_COLUMNS]
+    out["requests"] = int(row["requests"])
+    out["errors"] = int(row["errors"])
+    out["p50_ms"] = percentile_ms(buckets, 0.5)
+    out["p95_ms"] = percentile_ms(buckets, 0.95)
+    out["bytes_in"] = int(row["bytes_in"])
+    out["bytes_out"] = int(row["bytes_out"])
+    return out
+
+
+async def usage(
+    pool: asyncpg.Pool, scope: Scope, start: datetime, end: datetime, group_by: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Roll-up sums over hours in [start, end), one row per group (one row in all without
+    dimensions), ordered by the group fields; p50/p95 estimated from the duration buckets."""
+    sql, values = usage_sql(scope, group_by)
+    rows = await pool.fetch(sql, scope.workspace_id, start, end, *values)
+    return [_usage_row(row, group_by) for row in rows]
+
+
+def calls_sql(scope: Scope, before: int | None) -> tuple[str, list[Any]]:
+    where, values = _filters(scope, 2)
+    if before is not None:
+        values.append(before)
+        where += f" AND id < ${len(values) + 1}"
+    return CALLS_PAGE.format(filters=where, limit=len(values) + 2), values
+
+
+def _call_json(row: asyncpg.Record) -> dict[str, Any]:
+    out = {name: _json_value(value) for name, value in row.items()}
+    out["id"] = int(row["id"])
+    return out
+
+
+async def calls(
+    pool: asyncpg.Pool, scope: Scope, *, before: int | None, limit: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to `limit` records newest first (ids below `before`), and the id to pass as
+    `before` for the next page: None when no older record matches."""
+    sql, values = calls_sql(scope, before)
+    rows = await pool.fetch(sql, scope.workspace_id, *values, limit + 1)
+    page = [_call_json(row) for row in rows[:limit]]
+    next_before = page[-1]["id"] if len(rows) > limit else None
+    return page, next_before
+
+
+def bucket_bounds() -> list[float]:
+    """DURATION_BUCKETS_MS as the float8[] that HOURLY_FROM_CALLS takes as $1."""
+    return [float(b) for b in DURATION_BUCKETS_MS]
