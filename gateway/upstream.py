@@ -9,18 +9,23 @@ bytes wait for the client, so a large answer streams with flat memory.
 
 Timeouts belong to the caller: `on_connection` hands it the connection, whose `close()` ends
 whatever awaits it with UpstreamError; a cancelled await closes the connection too. Either
-way a connection is never reused mid-answer. Connecting is bounded by `connect_timeout`.
+way a connection is never reused mid-answer: it goes back to the pool only once its answer
+was read to the end. Connecting is bounded by `connect_timeout`. With `max_per_origin`, a
+request that would open one connection too many to its origin waits in line for one; while it
+waits, `on_connection` hands the caller its place in line, whose `close()` gives it up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import ssl
-import time
+import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from time import monotonic
 from types import TracebackType
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -47,10 +52,16 @@ class _Stale(UpstreamError):
     """A reused connection closed before any byte of the answer: nothing was processed."""
 
 
+class Closable(Protocol):
+    """What `on_connection` receives: a connection, or a place in line for one."""
+
+    def close(self) -> None: ...
+
+
 class Origin:
     """Where requests go: scheme, host and port, and the Host header that names them."""
 
-    __slots__ = ("host", "host_header", "key", "port", "ssl")
+    __slots__ = ("host", "host_header", "port", "ssl")
 
     def __init__(self, scheme: str, netloc: str) -> None:
         secure = scheme == "https"
@@ -59,7 +70,6 @@ class Origin:
         self.port = port
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if secure else None
         self.host_header = netloc
-        self.key = (scheme, netloc)
 
 
 def _split_netloc(netloc: str, default_port: int) -> tuple[str, int]:
@@ -72,25 +82,78 @@ def _split_netloc(netloc: str, default_port: int) -> tuple[str, int]:
     return netloc, default_port
 
 
-class UpstreamClient:
-    """A pool of keep-alive connections per origin."""
+class _Pool:
+    """One origin's connections: the idle ones, how many are open, who waits for one."""
 
-    def __init__(self, *, connect_timeout: float) -> None:
+    __slots__ = ("idle", "open", "origin", "waiters")
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.idle: deque[_Connection] = deque()
+        self.open = 0  # idle, busy and connecting
+        self.waiters: deque[_Turn] = deque()
+
+    def slot_freed(self) -> None:
+        """A connection closed (or never opened): the first in line may open one instead."""
+        while self.waiters:
+            if self.waiters.popleft().serve(None):
+                return  # the slot passes to it: the count stays
+        self.open -= 1
+
+    def fail_waiters(self, error: UpstreamError) -> None:
+        waiters = list(self.waiters)
+        self.waiters.clear()
+        for turn in waiters:
+            turn.fail(error)
+
+
+class _Turn:
+    """A request's place in line for a connection to an origin at its limit. It is served a
+    pooled connection, or None: a slot to open a new one with. `close()` gives it up."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+
+    def serve(self, conn: _Connection | None) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_result(conn)
+        return True
+
+    def fail(self, error: UpstreamError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def close(self) -> None:
+        self.fail(UpstreamError("gave up waiting for a connection to the upstream"))
+
+    @property
+    def served(self) -> bool:
+        future = self.future
+        return future.done() and not future.cancelled() and future.exception() is None
+
+
+class UpstreamClient:
+    """A pool of keep-alive connections per origin, at most `max_per_origin` open to each."""
+
+    def __init__(self, *, connect_timeout: float, max_per_origin: int | None = None) -> None:
         self._connect_timeout = connect_timeout
-        self._idle: dict[tuple[str, str], deque[_Connection]] = {}
-        self._origins: dict[str, Origin] = {}
+        self._max_per_origin = sys.maxsize if max_per_origin is None else max_per_origin
+        self._pools: dict[str, _Pool] = {}
         self._busy: set[_Connection] = set()
         self._closed = False
 
-    def origin(self, url: str) -> tuple[Origin, str]:
-        """Split an absolute URL into its origin and the request target (path and query)."""
+    def _pool(self, url: str) -> tuple[_Pool, str]:
+        """The pool of an absolute URL's origin, and the request target (path and query)."""
         scheme, _, rest = url.partition("://")
         netloc, slash, path = rest.partition("/")
         prefix = f"{scheme}://{netloc}"
-        origin = self._origins.get(prefix)
-        if origin is None:
-            origin = self._origins[prefix] = Origin(scheme, netloc)
-        return origin, slash + path if slash else "/"
+        pool = self._pools.get(prefix)
+        if pool is None:
+            pool = self._pools[prefix] = _Pool(Origin(scheme, netloc))
+        return pool, slash + path if slash else "/"
 
     async def request(
         self,
@@ -98,23 +161,25 @@ class UpstreamClient:
         url: str,
         headers: CIMultiDict[str],
         body: Body,
-        on_connection: Callable[[_Connection], None] | None = None,
+        on_connection: Callable[[Closable], None] | None = None,
     ) -> UpstreamResponse:
         """Send a request and return once the answer's head has arrived. `headers` must not
         carry Host, Content-Length or Transfer-Encoding: the client writes those.
-        `on_connection` learns the connection used (its `close()` ends the exchange)."""
-        origin, target = self.origin(url)
-        head = _request_head(method, target, origin.host_header, headers, body)
-        conn = self._take_idle(origin)
-        if conn is not None:
-            if on_connection is not None:
-                on_connection(conn)
-            try:
-                return await self._send(conn, method, head, body)
-            except _Stale:
-                if method not in _IDEMPOTENT or not isinstance(body, bytes | None):
-                    raise UpstreamError("the upstream closed a kept-alive connection") from None
-        conn = await self._connect(origin)
+        `on_connection` learns the connection used, or the place in line while the origin
+        has all the connections it may have (either's `close()` ends the exchange)."""
+        pool, target = self._pool(url)
+        head = _request_head(method, target, pool.origin.host_header, headers, body)
+        conn = self._take_idle(pool)
+        if conn is None:
+            conn = await self._open(pool, on_connection)
+        if on_connection is not None:
+            on_connection(conn)
+        try:
+            return await self._send(conn, method, head, body)
+        except _Stale:
+            if method not in _IDEMPOTENT or not isinstance(body, bytes | None):
+                raise UpstreamError("the upstream closed a kept-alive connection") from None
+        conn = await self._open(pool, on_connection)
         if on_connection is not None:
             on_connection(conn)
         return await self._send(conn, method, head, body)
@@ -130,11 +195,11 @@ class UpstreamClient:
             conn.close()
             raise
 
-    def _take_idle(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin.key)
+    def _take_idle(self, pool: _Pool) -> _Connection | None:
+        idle = pool.idle
         if not idle:
             return None
-        oldest_usable = time.monotonic() - IDLE_SECONDS
+        oldest_usable = monotonic() - IDLE_SECONDS
         while idle:
             conn = idle.pop()
             if conn.usable and conn.idle_since >= oldest_usable:
@@ -142,34 +207,90 @@ class UpstreamClient:
             conn.close()
         return None
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _open(
+        self, pool: _Pool, on_connection: Callable[[Closable], None] | None
+    ) -> _Connection:
+        """A new connection or, when the origin has all it may have, the first to be
+        released (a pooled one, or a new one opened in place of one that closed)."""
+        while True:
+            if self._closed:
+                raise UpstreamError("the client is closed")
+            if pool.open < self._max_per_origin:
+                pool.open += 1
+                return await self._connect(pool)
+            conn = await self._wait_turn(pool, on_connection)
+            if conn is None:
+                return await self._connect(pool)  # the slot of one that closed
+            if conn.usable:
+                return conn
+            # It closed between being handed over and now, and its slot moved on: wait again.
+
+    async def _wait_turn(
+        self, pool: _Pool, on_connection: Callable[[Closable], None] | None
+    ) -> _Connection | None:
+        turn = _Turn()
+        pool.waiters.append(turn)
+        if on_connection is not None:
+            on_connection(turn)  # the caller's deadline, or its client leaving, ends the wait
+        try:
+            conn = await turn.future
+        except BaseException:
+            if turn.served:  # served, then cancelled before it could run: pass it on
+                self._pass_on(pool, turn.future.result())
+            elif turn in pool.waiters:
+                pool.waiters.remove(turn)
+            raise
         if self._closed:
+            self._pass_on(pool, conn)
             raise UpstreamError("the client is closed")
-        loop = asyncio.get_running_loop()
+        return conn
+
+    def _pass_on(self, pool: _Pool, conn: _Connection | None) -> None:
+        """Give back what a waiter was served and cannot use."""
+        if conn is None:
+            pool.slot_freed()
+        elif self._closed:
+            conn.close()
+        else:
+            self._park(conn)
+
+    async def _connect(self, pool: _Pool) -> _Connection:
+        """Open a connection in a slot already counted; a failure frees the slot."""
+        origin = pool.origin
+        conn = _Connection(pool)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(origin.key),
-                    origin.host,
-                    origin.port,
-                    ssl=origin.ssl,
+                await asyncio.get_running_loop().create_connection(
+                    lambda: conn, origin.host, origin.port, ssl=origin.ssl
                 )
-        except TimeoutError:
-            raise UpstreamError("connecting to the upstream timed out") from None
-        except OSError as exc:
-            raise UpstreamError(f"cannot connect to the upstream: {exc.strerror or exc}") from None
+        except BaseException as exc:
+            conn.close()  # frees the slot, once, whatever the connection got to
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError("connecting to the upstream timed out") from None
+            if isinstance(exc, OSError):
+                raise UpstreamError(
+                    f"cannot connect to the upstream: {exc.strerror or exc}"
+                ) from None
+            raise
         return conn
 
     def release(self, conn: _Connection) -> None:
-        """Take a connection back after its answer was handled: pooled if reusable."""
+        """Take a connection back after its answer was handled: pooled only if the answer
+        was read to the end and nothing else arrived, else closed."""
         self._busy.discard(conn)
-        if self._closed or not conn.reusable:
+        if self._closed:
             conn.close()
-            return
-        now = time.monotonic()
-        idle = self._idle.get(conn.origin_key)
-        if idle is None:
-            idle = self._idle[conn.origin_key] = deque()
+        elif conn.finish():
+            self._park(conn)
+
+    def _park(self, conn: _Connection) -> None:
+        """A connection ready for another exchange: to the first in line, else the pool."""
+        pool = conn.pool
+        while pool.waiters:
+            if pool.waiters.popleft().serve(conn):
+                return
+        now = monotonic()
+        idle = pool.idle
         # Oldest first: close what idled too long (reuse takes the newest, so under steady
         # traffic the old ones would otherwise never be looked at) and what overflows.
         while idle and (
@@ -180,17 +301,22 @@ class UpstreamClient:
         idle.append(conn)
 
     def abort_all(self) -> None:
-        """End every answer in flight: their readers see the stream end with an error."""
+        """End every answer in flight, and every wait for a connection: their readers see
+        the stream end with an error."""
+        self._abort(UpstreamError("the upstream exchange was aborted"))
+
+    def _abort(self, error: UpstreamError) -> None:
+        for pool in self._pools.values():
+            pool.fail_waiters(error)
         for conn in list(self._busy):
             conn.close()
 
     async def close(self) -> None:
         self._closed = True
-        self.abort_all()
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
+        self._abort(UpstreamError("the client is closed"))
+        for pool in self._pools.values():
+            while pool.idle:
+                pool.idle.pop().close()
         await asyncio.sleep(0)  # let the transports run connection_lost
 
 
@@ -268,13 +394,24 @@ class UpstreamResponse:
         self._client.release(self._conn)
 
 
+class _State(enum.Enum):
+    """Where a connection stands. Only an IDLE one is pooled or handed to a waiter."""
+
+    IDLE = enum.auto()  # no exchange: new, or pooled between two
+    WAITING = enum.auto()  # a request is (being) sent; no byte of its answer yet
+    ANSWERING = enum.auto()  # the answer is arriving
+    COMPLETE = enum.auto()  # the whole answer has arrived, maybe not all of it read yet
+    # Never used again. An answer that was complete stays readable (no _error is set).
+    CLOSED = enum.auto()
+
+
 class _Connection(asyncio.Protocol):
     """One connection to an upstream and the answer in progress on it."""
 
-    def __init__(self, origin_key: tuple[str, str]) -> None:
-        self.origin_key = origin_key
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool  # counts this connection among its open ones until it closes
         self.idle_since = 0.0
-        self.complete = False
+        self._state = _State.IDLE
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -286,35 +423,70 @@ class _Connection(asyncio.Protocol):
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._error: BaseException | None = None
-        self._received = False  # any byte of the current answer
-        self._sent = False  # the current request went out whole
+        self._exchanges = 0
         self._head_only = False  # answering HEAD: no body follows, whatever it announces
-        self._keep_alive = True
+        # The connection may carry another exchange once this answer is read: keep-alive,
+        # the request went out whole, and the parser is in step with the stream.
+        self._keep = True
         self._reading_paused = False
         self._writing_paused = False
-        self._used = False
 
     # -- connection state ------------------------------------------------------------------
 
     @property
     def usable(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
+        """Idle, and the upstream has not closed it."""
+        transport = self._transport
+        return self._state is _State.IDLE and transport is not None and not transport.is_closing()
 
     @property
-    def reusable(self) -> bool:
-        return (
-            self.complete
-            and self._sent
-            and self._keep_alive
-            and not self._head_only
-            and self._error is None
-            and self.usable
-        )
+    def complete(self) -> bool:
+        state = self._state
+        return state is _State.COMPLETE or (state is _State.CLOSED and self._error is None)
+
+    def finish(self) -> bool:
+        """The consumer is done with the answer. True: the connection is idle again, ready
+        for another exchange. False: it was closed, since the answer was not read to the
+        end (bytes of it buffered, or reading paused with more in the socket), or the
+        connection cannot carry another exchange."""
+        transport = self._transport
+        if (
+            self._state is _State.COMPLETE
+            and self._keep
+            and not self._chunks
+            and not self._reading_paused
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            self._state = _State.IDLE
+            return True
+        self.close()
+        return False
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        self._fail(UpstreamError("the upstream connection was closed"))
+        self._retire(UpstreamError("the upstream connection was closed"))
+
+    def _retire(self, error: UpstreamError) -> None:
+        """Close for good: what awaits an answer fails with `error`, the pool's slot frees."""
+        state = self._state
+        if state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        transport = self._transport
+        if transport is not None:
+            if state is _State.IDLE:
+                transport.close()
+            else:
+                # Mid-exchange there may be request bytes the upstream will never read, or
+                # answer bytes nobody will: close() would wait to flush them, abort() does not.
+                transport.abort()
+        if state is not _State.COMPLETE:
+            self._error = error
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(error)
+        self._wake()
+        self.pool.slot_freed()
 
     # -- the exchange ----------------------------------------------------------------------
 
@@ -322,46 +494,41 @@ class _Connection(asyncio.Protocol):
         self, client: UpstreamClient, method: str, head: bytes, body: Body
     ) -> UpstreamResponse:
         transport = self._transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._state is not _State.IDLE:
             raise _Stale("closed while idle")
-        reused, self._used = self._used, True
+        self._exchanges += 1
+        self._state = _State.WAITING
         self._client = client
         self._head = self._loop.create_future()
         self._headers = []
-        self._chunks.clear()
-        self._buffered = 0
         self._error = None
-        self.complete = self._received = self._sent = False
         self._head_only = method == "HEAD"
+        # After HEAD the parser would take the next answer for the body this one announced.
+        self._keep = not self._head_only
         if isinstance(body, bytes):
             transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 transport.write(body)
-            self._sent = True
         elif body is None:
             transport.write(head)
-            self._sent = True
         else:
             transport.write(head)
             await self._send_chunked(transport, body)
-        try:
-            return await self._head
-        except UpstreamError:
-            if reused and not self._received:
-                raise _Stale("closed before answering") from None
-            raise
+        return await self._head
 
     async def _send_chunked(self, transport: asyncio.Transport, body: AsyncIterable[bytes]) -> None:
         assert self._head is not None
         async for chunk in body:
             if self._head.done():
-                return  # answered (or failed) before the upload ended: stop sending
+                self._keep = False  # answered (or failed) before the upload ended: stop
+                return
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             if self._writing_paused:
                 await self._wait()
-        if not self._head.done():
+        if self._head.done():
+            self._keep = False
+        else:
             transport.write(b"0\r\n\r\n")
-            self._sent = True
 
     async def body_arrival(self) -> None:
         if self._error is not None:
@@ -404,14 +571,6 @@ class _Connection(asyncio.Protocol):
             self._reading_paused = False
             self._transport.resume_reading()
 
-    def _fail(self, error: BaseException) -> None:
-        if self._error is None and not self.complete:
-            self._error = error
-        head = self._head
-        if head is not None and not head.done():
-            head.set_exception(error)
-        self._wake()
-
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -419,28 +578,32 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None or self.complete:
-            self.close()  # bytes nobody asked for: the connection cannot be trusted
+        state = self._state
+        if state is _State.WAITING:
+            self._state = _State.ANSWERING
+        elif state is not _State.ANSWERING:
+            # Idle, or past the end of the answer: bytes nobody asked for. The connection
+            # cannot be trusted; an answer already complete stays readable.
+            self._retire(UpstreamError("the upstream sent bytes nobody asked for"))
             return
-        self._received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._keep_alive = False
-            if self._transport is not None:
-                self._transport.close()
-            self._fail(UpstreamError(f"malformed answer from the upstream: {exc}"))
+            self._retire(UpstreamError(f"malformed answer from the upstream: {exc}"))
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost settles the answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if not self.complete and self._until_close():
-            self.complete = True  # a body delimited by the connection's end
-            self._wake()
-            return
-        self._fail(UpstreamError("the upstream closed the connection"))
+        state = self._state
+        if state is _State.ANSWERING and self._until_close():
+            self._state = _State.COMPLETE  # a body delimited by the connection's end
+        if state is _State.WAITING and self._exchanges > 1:
+            # The upstream dropped a kept-alive connection as the request went out.
+            self._retire(_Stale("the upstream closed the connection before answering"))
+        else:
+            self._retire(UpstreamError("the upstream closed the connection"))
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -462,8 +625,9 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.complete:
-            self._keep_alive = False  # a second answer nobody asked for: never reuse this
+        if self._state is _State.COMPLETE:
+            # A second answer in the same read as the first: nobody asked for it.
+            self._retire(UpstreamError("the upstream sent an answer nobody asked for"))
 
     def on_status(self, status: bytes) -> None:
         self._reason = status.decode("latin-1")
@@ -472,25 +636,26 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        if self.complete:
+        if self._state is not _State.ANSWERING:
             return  # the head of an answer nobody asked for (see on_message_begin)
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._headers = []  # informational (100 Continue, 103 Early Hints): not the answer
             return
-        self._keep_alive = self._parser.should_keep_alive()
+        if not self._parser.should_keep_alive():
+            self._keep = False
         assert self._client is not None and self._head is not None
         response = UpstreamResponse(
             self, self._client, status, self._reason, CIMultiDict(self._headers)
         )
         if self._head_only or status in _NO_BODY_STATUSES:
-            self.complete = True
+            self._state = _State.COMPLETE
         if not self._head.done():
             self._head.set_result(response)
         self._wake()  # a chunked upload still going stops: the answer is here
 
     def on_body(self, body: bytes) -> None:
-        if self.complete:
+        if self._state is not _State.ANSWERING:
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -500,7 +665,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        if self._state is not _State.ANSWERING or self._parser.get_status_code() < 200:
             return
-        self.complete = True
+        self._state = _State.COMPLETE
         self._wake()

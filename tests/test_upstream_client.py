@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from multidict import CIMultiDict
 
 from gateway import upstream
-from gateway.upstream import UpstreamClient, UpstreamError
+from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+from tests.support import DEADLINE, wait_until
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
 
 
 class RawServer:
@@ -21,6 +24,7 @@ class RawServer:
         self.port = 0
         self.connections = 0
         self.ended = asyncio.Event()  # set once a connection has ended (closed by the client)
+        self.ended_count = 0
         self.requests: list[bytes] = []
 
 
@@ -29,17 +33,25 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
     """A server whose `handler(reader, writer, connection_number)` speaks HTTP by hand."""
     state = RawServer()
     writers: list[asyncio.StreamWriter] = []
+    handlers: set[asyncio.Task[Any]] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         state.connections += 1
         writers.append(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
         try:
             await handler(reader, writer, state.connections)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # cancelled below, at the end of the test: asyncio would log it as an error
         finally:
+            state.ended_count += 1
             state.ended.set()
             writer.close()
+            handlers.discard(task)
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     state.port = server.sockets[0].getsockname()[1]
@@ -50,10 +62,19 @@ async def raw_server(handler: Handler) -> AsyncIterator[RawServer]:
             writer.close()
         server.close()
         await server.wait_closed()
+        for task in handlers:  # handlers still holding an answer back
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
+
+
+async def until_closed(reader: asyncio.StreamReader) -> None:
+    """Return once the client has closed the connection (or reset it)."""
+    while await reader.read(65536):
+        pass
 
 
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
@@ -78,6 +99,12 @@ def serving(answer: bytes, server: list[RawServer]) -> Handler:
             await writer.drain()
 
     return handler
+
+
+def reading_paused(answer: UpstreamResponse) -> bool:
+    """Whether the client stopped reading the answer's socket (a look inside the client)."""
+    transport = answer._conn._transport
+    return transport is not None and not transport.is_reading()
 
 
 @pytest.fixture
@@ -225,6 +252,65 @@ async def test_streamed_upload_goes_out_chunked(client: UpstreamClient) -> None:
     assert received == [b"one", b"two", b"three"]
 
 
+async def test_answer_complete_but_unread_with_reading_paused_is_never_pooled(
+    client: UpstreamClient,
+) -> None:
+    """A consumer that leaves (its client went away) with the answer unread: pooled, its
+    connection would keep reading paused, and the next request on it would wait for ever."""
+    holder: list[RawServer] = []
+    # One byte over the high-water mark: reading pauses exactly as the answer completes.
+    body = b"x" * (upstream._HIGH_WATER + 1)
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        while True:
+            head, _body = await read_request(reader)
+            holder[0].requests.append(head)
+            writer.write(big if head.startswith(b"GET /big ") else OK)
+            await writer.drain()
+
+    async with raw_server(handler) as server:
+        holder.append(server)
+        async with await client.request(
+            "GET", url(server, "/big"), CIMultiDict(), None
+        ) as big_answer:
+            await wait_until(lambda: big_answer.complete)
+            assert reading_paused(big_answer)
+        async with (
+            asyncio.timeout(DEADLINE),
+            await client.request("GET", url(server, "/small"), CIMultiDict(), None) as answer,
+        ):
+            assert await answer.read() == b"ok"
+        assert server.connections == 2
+        assert len(server.requests) == 2
+        await wait_until(lambda: server.ended_count == 1)  # the abandoned one, closed
+
+
+async def test_answer_left_partly_unread_is_never_pooled(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    answer_bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
+    async with raw_server(serving(answer_bytes, holder)) as server:
+        holder.append(server)
+        async with await client.request("GET", url(server), CIMultiDict(), None) as first:
+            await wait_until(lambda: first.complete)  # arrived whole, and never read
+        async with await client.request("GET", url(server), CIMultiDict(), None) as second:
+            assert await second.read() == b"0123456789"
+        assert server.connections == 2
+        await wait_until(lambda: server.ended_count == 1)
+
+
+async def test_answer_read_to_the_end_keeps_its_connection(client: UpstreamClient) -> None:
+    holder: list[RawServer] = []
+    body = b"y" * (3 * upstream._HIGH_WATER)  # reading pauses and resumes on the way
+    answer_bytes = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    async with raw_server(serving(answer_bytes, holder)) as server:
+        holder.append(server)
+        for _ in range(2):
+            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+                assert b"".join([chunk async for chunk in answer.iter_chunks()]) == body
+        assert server.connections == 1
+
+
 async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamClient) -> None:
     total = 64 * 1024 * 1024
     finished = asyncio.Event()
@@ -280,13 +366,44 @@ async def test_header_bytes_pass_both_ways_unchanged(client: UpstreamClient) -> 
         assert b"X-Name: caf\xe9 \xe2\x9c\x93\r\n" in server.requests[0]
 
 
-async def test_connection_with_an_unasked_for_answer_is_not_reused(client: UpstreamClient) -> None:
+async def test_an_answer_pipelined_after_the_first_retires_the_connection(
+    client: UpstreamClient,
+) -> None:
     holder: list[RawServer] = []
-    async with raw_server(serving(OK + OK, holder)) as server:  # two answers per request
+    async with raw_server(serving(OK + STRAY, holder)) as server:  # one write, two answers
         holder.append(server)
         for _ in range(2):
             async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
-                assert await answer.read() == b"ok"
+                assert await answer.read() == b"ok"  # the answer asked for is still whole
+        assert server.connections == 2  # the stray answer was never taken for the second
+        await wait_until(lambda: server.ended_count >= 1)
+
+
+async def test_an_answer_arriving_on_an_idle_connection_retires_it(
+    client: UpstreamClient,
+) -> None:
+    pooled = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+            if n == 1:
+                await pooled.wait()
+                writer.write(STRAY)  # late, to nobody: the connection sits in the pool
+                await writer.drain()
+                await until_closed(reader)
+                return
+
+    async with raw_server(handler) as server:
+        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            assert await answer.read() == b"ok"
+        pooled.set()
+        async with asyncio.timeout(DEADLINE):
+            await server.ended.wait()  # the client closed the connection the stray came on
+        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            assert await answer.read() == b"ok"
         assert server.connections == 2
 
 
