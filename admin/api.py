@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from admin import compat, page, validate
+from admin import compat, page, usage, validate
 from admin.discovery import DiscoveryFailed, ToolDiscovery
 from admin.http import (
     RUNTIME,
@@ -270,6 +270,8 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     r.add_get("/api/servers", list_servers)
     r.add_get("/api/servers/{name}/tools", list_server_tools)
     r.add_get("/api/audit", list_audit)
+    r.add_get("/api/usage", usage.get_usage)
+    r.add_get("/api/calls", usage.list_calls)
     compat.add_routes(app, app[KEYS])
     page.add_routes(app)
     return app

@@ -13,7 +13,7 @@ import functools
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from admin import validate
+from admin import usage, validate
 from admin.service import (
     KEY_CREATE_FIELDS,
     KEY_PATCH_FIELDS,
@@ -22,6 +22,7 @@ from admin.service import (
     USER_CREATE_FIELDS,
     USER_PATCH_FIELDS,
 )
+from gateway.calls import DURATION_BUCKETS_MS
 from gateway.models import ALL_SERVERS, PERMISSIONS
 
 Schema = dict[str, Any]
@@ -325,6 +326,99 @@ def _response_schemas() -> dict[str, Schema]:
             }
         ),
         "Health": _record({"status": {"type": "string", "const": "ok"}}),
+        **_usage_schemas(),
+    }
+
+
+INTEGER: Schema = {"type": "integer", "minimum": 0}
+PERCENTILE_NOTE = (
+    "Estimated from hourly duration buckets (upper bounds "
+    + ", ".join(f"{b:g}" for b in DURATION_BUCKETS_MS)
+    + " ms, then open-ended): linear within the bucket the percentile falls in, the lower "
+    "bound for the open-ended one. null when there were no requests."
+)
+# The group fields a usage row can carry (admin.usage.GROUP_FIELDS names them).
+GROUP_FIELD_SCHEMAS: dict[str, Schema] = {
+    "key_id": STRING,
+    "user_id": STRING,
+    "server": {**_nullable(STRING), "description": "null: chat and /me requests."},
+    "tool": {**_nullable(STRING), "description": "null: requests that call no tool."},
+    "status": {"type": "integer", "minimum": 100, "maximum": 599},
+    "hour": {**TIMESTAMP, "description": "The start of the UTC hour."},
+    "day": {"type": "string", "format": "date", "description": "The UTC day."},
+}
+
+
+def _usage_schemas() -> dict[str, Schema]:
+    metrics: dict[str, Schema] = {
+        "requests": INTEGER,
+        "errors": {**INTEGER, "description": "Requests answered with a status >= 400."},
+        "p50_ms": {**_nullable({"type": "number"}), "description": PERCENTILE_NOTE},
+        "p95_ms": {**_nullable({"type": "number"}), "description": PERCENTILE_NOTE},
+        "bytes_in": {**INTEGER, "description": "Request body bytes received from clients."},
+        "bytes_out": {**INTEGER, "description": "Response body bytes sent to clients."},
+    }
+    row = _object(
+        {**_pick(GROUP_FIELD_SCHEMAS, usage.GROUP_FIELDS), **metrics},
+        required=metrics,
+        closed=True,
+        description="The fields of the group_by dimensions first (in the order given), then "
+        "the metrics; without group_by, one row totals the window.",
+    )
+    return {
+        "UsageRow": row,
+        "Usage": _record(
+            {
+                "from": {
+                    **TIMESTAMP,
+                    "description": "The window's start: `from` rounded down "
+                    "to the start of its UTC hour.",
+                },
+                "to": {
+                    **TIMESTAMP,
+                    "description": "The window's end (exclusive): `to` rounded "
+                    "up to the next UTC hour.",
+                },
+                "rows": _array(_ref("UsageRow"), description="Ordered by the group fields."),
+            }
+        ),
+        "Call": _record(
+            {
+                "id": {"type": "integer", "description": "Increasing; pages go by it."},
+                "time": {**TIMESTAMP, "description": "When the request arrived."},
+                "request_id": {"type": "string", "description": "X-Request-Id, as sent upstream."},
+                "workspace_id": STRING,
+                "user_id": STRING,
+                "key_id": STRING,
+                "route": {"type": "string", "enum": ["mcp", "chat", "me"]},
+                "server": _nullable(STRING),
+                "mcp_method": {
+                    **_nullable(STRING),
+                    "description": "From Mcp-Method, else a JSON-RPC request body's method.",
+                },
+                "tool": {
+                    **_nullable(STRING),
+                    "description": "From Mcp-Name, else a tools/call body's params.name; "
+                    "arguments are never recorded.",
+                },
+                "status": {"type": "integer"},
+                "duration_ms": {"type": "number", "minimum": 0},
+                "bytes_in": INTEGER,
+                "bytes_out": INTEGER,
+                "client": {"type": "string", "description": "The client's address."},
+            },
+            description="One data-plane request made with a verified key (SPEC §7).",
+        ),
+        "CallPage": _record(
+            {
+                "calls": _array(_ref("Call"), description="Newest first."),
+                "next_before": {
+                    **_nullable({"type": "integer"}),
+                    "description": "Pass as ?before= for the next page; null when no older "
+                    "call matches.",
+                },
+            }
+        ),
     }
 
 
@@ -445,7 +539,11 @@ ERRORS: dict[int, tuple[str, str]] = {
         "(key_revoked), or the workspace's last active admin (last_admin).",
     ),
     413: ("TooLarge", "The body is over 1 MiB."),
-    422: ("Invalid", "A field is missing, unknown or invalid (invalid_request); `field` names it."),
+    422: (
+        "Invalid",
+        "A field or query parameter is missing, unknown or invalid (invalid_request); `field` "
+        "names it.",
+    ),
     502: ("BadGateway", "The server could not be reached or answered badly (bad_gateway)."),
     503: (
         "StoreUnavailable",
@@ -832,6 +930,111 @@ def _other_paths() -> dict[str, Schema]:
     }
 
 
+def _filter_params(reach: str) -> list[Schema]:
+    return [
+        _query("key_id", STRING, f"Only this key's requests; 404 for a key {reach}."),
+        _query("user_id", STRING, f"Only this user's keys' requests; 404 for a user {reach}."),
+        _query("server", STRING, "Only requests to this MCP server."),
+        _query("tool", STRING, "Only calls of this tool (its name, without the server)."),
+    ]
+
+
+def _usage_paths() -> dict[str, Schema]:
+    reach = "outside the caller's reach (another user's, for a non-admin)"
+    names = "|".join(usage.GROUP_BY)
+    usage_params = [
+        _query(
+            "from",
+            TIMESTAMP,
+            "Start, ISO 8601 (no offset: UTC). Rounded down to the start of its UTC hour: "
+            "usage is kept per hour. Default: `to` minus 7 days.",
+        ),
+        _query(
+            "to",
+            TIMESTAMP,
+            "End, ISO 8601. Rounded up to the next UTC hour, so the current hour counts. "
+            f"Default: now. Must be after `from`, at most {validate.USAGE_MAX_DAYS} days on.",
+        ),
+        _query(
+            "group_by",
+            {"type": "string", "pattern": f"^({names})(,({names}))?$"},
+            "One or two dimensions, comma-separated: a row per group (key_id, user_id, "
+            "server, tool, status, hour or day). Default: one row for the whole window.",
+        ),
+        *_filter_params(reach),
+        _query(
+            "format",
+            {"type": "string", "enum": list(usage.FORMATS), "default": "json"},
+            "csv: the same rows as text/csv with a header line (null cells empty).",
+        ),
+    ]
+    calls_params = [
+        *_filter_params(reach),
+        _query("status", {"type": "integer", "minimum": 100, "maximum": 599}, "Only this status."),
+        _query(
+            "before",
+            {"type": "integer", "minimum": 1, "maximum": validate.MAX_BEFORE},
+            "Only calls with a smaller id: the previous page's next_before.",
+        ),
+        _query(
+            "limit",
+            {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": validate.CALLS_MAX_LIMIT,
+                "default": validate.CALLS_DEFAULT_LIMIT,
+            },
+            "Calls per page.",
+        ),
+    ]
+    visibility = (
+        "Admins see their workspace; other keys (permission 'keys') the requests of their own "
+        "user's keys. Unknown parameters are 422."
+    )
+    return {
+        "/api/usage": {
+            "get": _operation(
+                "getUsage",
+                "Usage totals",
+                "usage",
+                ok=200,
+                result={
+                    "description": "Totals per group over whole UTC hours.",
+                    "content": {
+                        JSON: {"schema": _ref("Usage")},
+                        "text/csv": {
+                            "schema": {
+                                **STRING,
+                                "examples": [
+                                    "tool,requests,errors,p50_ms,p95_ms,bytes_in,bytes_out\r\n"
+                                    "search,120,3,41.2,180.5,20480,996001\r\n"
+                                ],
+                            }
+                        },
+                    },
+                },
+                parameters=usage_params,
+                errors=[404, 422],
+                description="Requests, errors (status >= 400), estimated p50/p95 durations and "
+                "bytes, from hourly roll-ups of the call records. " + visibility,
+            ),
+        },
+        "/api/calls": {
+            "get": _operation(
+                "listCalls",
+                "Call records",
+                "usage",
+                ok=200,
+                result=_ref("CallPage"),
+                parameters=calls_params,
+                errors=[404, 422],
+                description="One record per data-plane request made with a verified key, "
+                "newest first. " + visibility,
+            ),
+        },
+    }
+
+
 def _page_paths() -> dict[str, Schema]:
     """The admin web page: static files, no key needed (the page signs in from the browser)."""
     return {
@@ -961,6 +1164,7 @@ TAGS: list[dict[str, str]] = [
     {"name": "users", "description": "Users, roles and server grants (admin only)."},
     {"name": "servers", "description": "The configured MCP servers."},
     {"name": "audit", "description": "The audit trail (admin only)."},
+    {"name": "usage", "description": "Usage totals and call records of the data plane."},
     {"name": "plumbing", "description": "Health, metrics and this document; no key needed."},
     {"name": "page", "description": "The admin web page and its files; no key needed."},
     {"name": "compat-better-auth", "description": "better-auth style key routes (camelCase)."},
@@ -994,6 +1198,7 @@ def _document() -> dict[str, Any]:
             **_key_paths(),
             **_user_paths(),
             **_other_paths(),
+            **_usage_paths(),
             **_page_paths(),
             **_compat_paths(),
         },

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Collection
-from datetime import UTC, datetime
+from collections.abc import Collection, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from multidict import MultiMapping
 
 from admin.http import invalid
 from gateway.mcp.patterns import PatternError, check_patterns
@@ -171,3 +173,119 @@ def validity(valid_from: datetime | None, expires_at: datetime | None, now: date
         raise invalid("expires_at", "must be in the future")
     if valid_from is not None and expires_at is not None and valid_from >= expires_at:
         raise invalid("valid_from", "must be before expires_at")
+
+
+# --- query parameters (GET /api/usage, GET /api/calls) ---
+
+MAX_FILTER = 256  # the longest text stored in a call record (gateway.usage_store.MAX_TEXT)
+USAGE_DEFAULT_DAYS = 7
+USAGE_MAX_DAYS = 400
+CALLS_MAX_LIMIT = 500
+CALLS_DEFAULT_LIMIT = 100
+MAX_BEFORE = 2**62
+# An unescaped "+" in a query string arrives as a space: "...T10:00:00 02:00" meant "+02:00".
+_SPACED_OFFSET = re.compile(r"(T\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d(?::?\d\d)?)$")
+
+
+def query(params: MultiMapping[str], allowed: Collection[str]) -> dict[str, str]:
+    """Each parameter once, and only known ones: 422 naming the first that is not, as an
+    unknown field of a body is."""
+    out: dict[str, str] = {}
+    for name, value in params.items():
+        if name not in allowed:
+            raise invalid(name, "unknown parameter")
+        if name in out:
+            raise invalid(name, "given more than once")
+        out[name] = value
+    return out
+
+
+def query_text(
+    params: Mapping[str, str], field: str, *, max_length: int = MAX_FILTER
+) -> str | None:
+    """A non-empty single-line value, or None when absent."""
+    value = params.get(field)
+    if value is None:
+        return None
+    if not value:
+        raise invalid(field, "must not be empty (leave the parameter out instead)")
+    if len(value) > max_length:
+        raise invalid(field, f"at most {max_length} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid(field, "control characters are not allowed")
+    return value
+
+
+def query_integer(
+    params: Mapping[str, str], field: str, *, minimum: int, maximum: int, default: int | None
+) -> int | None:
+    """Decimal digits only (no sign, no spaces) within [minimum, maximum]; default if absent."""
+    raw = params.get(field)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20) or not (
+        minimum <= int(raw) <= maximum
+    ):
+        raise invalid(field, f"expected an integer between {minimum} and {maximum}")
+    return int(raw)
+
+
+def query_choice(
+    params: Mapping[str, str], field: str, choices: Sequence[str], default: str
+) -> str:
+    value = params.get(field, default)
+    if value not in choices:
+        raise invalid(field, f"expected one of {', '.join(choices)}")
+    return value
+
+
+def query_timestamp(params: Mapping[str, str], field: str) -> datetime | None:
+    """ISO 8601 as `timestamp` takes it, or None when absent."""
+    value = params.get(field)
+    if value is None:
+        return None
+    return timestamp({field: _SPACED_OFFSET.sub(r"\1+\2", value)}, field)
+
+
+def _hour_floor(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def _hour_ceiling(moment: datetime) -> datetime:
+    floor = _hour_floor(moment)
+    return floor if floor == moment else floor + timedelta(hours=1)
+
+
+def hour_window(
+    params: Mapping[str, str], now: datetime, *, default_days: int, max_days: int
+) -> tuple[datetime, datetime]:
+    """`from` and `to` widened to whole UTC hours: from down to its hour's start, to up to the
+    next hour's start. Defaults: to = now, from = to - default_days."""
+    start = query_timestamp(params, "from")
+    end = query_timestamp(params, "to")
+    end = end if end is not None else now
+    start = start if start is not None else end - timedelta(days=default_days)
+    if start >= end:
+        raise invalid("from", "must be before to")
+    if end - start > timedelta(days=max_days):
+        raise invalid("from", f"at most {max_days} days before to")
+    return _hour_floor(start), _hour_ceiling(end)
+
+
+def dimensions(
+    params: Mapping[str, str], field: str, allowed: Sequence[str], *, at_most: int = 2
+) -> list[str]:
+    """Comma-separated names from `allowed`, each at most once, at most `at_most` of them;
+    [] when absent."""
+    raw = params.get(field)
+    if raw is None:
+        return []
+    names = raw.split(",")
+    for name in names:
+        if name not in allowed:
+            raise invalid(field, f"unknown dimension {name!r}; expected {', '.join(allowed)}")
+    if len(set(names)) != len(names):
+        raise invalid(field, "a dimension is named twice")
+    if len(names) > at_most:
+        raise invalid(field, f"at most {at_most} dimensions")
+    return names

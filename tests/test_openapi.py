@@ -26,10 +26,13 @@ from admin.service import (
     USER_CREATE_FIELDS,
     USER_PATCH_FIELDS,
 )
+from admin.usage import CALLS_PARAMETERS, GROUP_FIELDS, METRICS, USAGE_PARAMETERS
+from gateway.calls import CallRecord
 from gateway.config import UpstreamSettings
 from gateway.models import PERMISSIONS
 from gateway.runtime import Runtime
 from gateway.sample_mcp import MCP_PATH, start_sample_server
+from gateway.usage_store import CALL_COLUMNS, write_calls
 from tests.support import LOOPBACK, Keystile, Upstream, make_settings, start_keystile
 
 HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
@@ -86,7 +89,9 @@ def test_document_routes_match_the_admin_app() -> None:
     assert ("PUT", "/{workspace}/admin/api-keys/{id}") in router
     assert ("POST", "/api/auth/api-key/delete") in router
     assert ("GET", "/admin/api-keys") in router
-    assert len(router) == 31
+    assert ("GET", "/api/usage") in router
+    assert ("GET", "/api/calls") in router
+    assert len(router) == 33
 
 
 def test_operation_ids_are_unique_and_statuses_have_schemas() -> None:
@@ -141,6 +146,17 @@ def test_request_bodies_accept_exactly_the_service_fields() -> None:
     assert _schema(doc, "Permission")["enum"] == list(PERMISSIONS)
     assert set(_schema(doc, "KeyStatus")["enum"]) == KEY_STATUSES
     assert _schema(doc, "Role")["enum"] == ["admin", "member"]
+
+
+def test_usage_routes_document_exactly_the_parameters_they_take() -> None:
+    doc = openapi_document()
+    for path, taken in (("/api/usage", USAGE_PARAMETERS), ("/api/calls", CALLS_PARAMETERS)):
+        documented = {p["name"] for p in doc["paths"][path]["get"]["parameters"]}
+        assert documented == taken, path
+    row = _schema(doc, "UsageRow")
+    assert set(row["properties"]) == {*GROUP_FIELDS, *METRICS}
+    assert set(row["required"]) == set(METRICS)
+    assert set(_schema(doc, "Call")["properties"]) == {"id", *CALL_COLUMNS}
 
 
 def test_each_call_gets_its_own_copy() -> None:
@@ -248,9 +264,12 @@ async def test_every_operation_answers_as_documented(with_sample: Keystile) -> N
     doc = openapi_document()
     c = Checker(ks, doc)
     boss = await ks.user("boss@example.com", role="admin", servers=["*"])
-    admin = (await ks.key(boss, name="admin", permissions=("admin", "keys", "mcp", "chat"))).key
+    admin_issued = await ks.key(boss, name="admin", permissions=("admin", "keys", "mcp", "chat"))
+    admin = admin_issued.key
     member = await ks.user("member@example.com", servers=["github"])
-    self_service = (await ks.key(member, name="self", permissions=("keys", "mcp"))).key
+    self_issued = await ks.key(member, name="self", permissions=("keys", "mcp"))
+    self_service = self_issued.key
+    mcp_only = (await ks.key(member, name="mcp only", permissions=("mcp",))).key
 
     # Plumbing, with no key.
     assert await c.call("GET", "/healthz", 200, None) == {"status": "ok"}
@@ -341,6 +360,78 @@ async def test_every_operation_answers_as_documented(with_sample: Keystile) -> N
     await c.call("GET", "/api/audit", 200, admin, query=f"before={page['next_before']}")
     await c.call("GET", "/api/audit", 422, admin, query="limit=0")
     await c.call("GET", "/api/audit", 403, self_service)
+
+    # Usage and call records, from records written through the store.
+    now = datetime.now(UTC).timestamp()
+    await write_calls(
+        ks.runtime.pool,
+        [
+            CallRecord(
+                time=now - n * 600,
+                request_id=f"req-{n}",
+                workspace_id=ks.actor.workspace_id,
+                user_id=owner.record.user_id,
+                key_id=owner.record.id,
+                route="mcp" if n % 4 else "chat",
+                server="github" if n % 4 else None,
+                mcp_method="tools/call" if n % 4 else None,
+                tool="=search" if n % 4 else None,  # a formula-like name, quoted in CSV
+                status=200 if n % 3 else 502,
+                duration_ms=3.5 * n,
+                bytes_in=100,
+                bytes_out=1000 + n,
+                client="127.0.0.1",
+            )
+            for n in range(12)
+            for owner in (admin_issued, self_issued)
+        ],
+    )
+    total = await c.call("GET", "/api/usage", 200, admin)
+    assert [row["requests"] for row in total["rows"]] == [24]
+    await c.call("GET", "/api/usage", 200, self_service, query="group_by=day")
+    by_tool = await c.call(
+        "GET",
+        "/api/usage",
+        200,
+        admin,
+        query=f"group_by=tool,status&server=github&key_id={self_issued.record.id}",
+    )
+    assert {row["tool"] for row in by_tool["rows"]} == {"=search"}
+    window = "from=2030-01-01T10:20:00Z&to=2030-01-02T00:00:00Z&group_by=hour,key"
+    assert (await c.call("GET", "/api/usage", 200, admin, query=window))["rows"] == []
+    async with ks.http.get(
+        ks.admin + "/api/usage?format=csv&group_by=tool",
+        headers={"Authorization": f"Bearer {admin}"},
+    ) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/csv"
+        lines = (await resp.text()).split("\r\n")
+    assert lines[0] == "tool,requests,errors,p50_ms,p95_ms,bytes_in,bytes_out"
+    assert "text/csv" in doc["paths"]["/api/usage"]["get"]["responses"]["200"]["content"]
+    for query in (
+        "group_by=tool,status,day",
+        "group_by=week",
+        "from=yesterday",
+        "from=2030-01-02T00:00:00Z&to=2030-01-01T00:00:00Z",
+        "format=xml",
+        "nope=1",
+    ):
+        await c.call("GET", "/api/usage", 422, admin, query=query)
+    await c.call("GET", "/api/usage", 404, self_service, query=f"key_id={admin_issued.record.id}")
+    await c.call("GET", "/api/usage", 401, None)
+    await c.call("GET", "/api/usage", 403, mcp_only)
+    page = await c.call("GET", "/api/calls", 200, admin, query="limit=5")
+    assert len(page["calls"]) == 5 and page["next_before"] == page["calls"][-1]["id"]
+    rest = await c.call(
+        "GET", "/api/calls", 200, admin, query=f"before={page['next_before']}&limit=500"
+    )
+    assert len(rest["calls"]) == 19 and rest["next_before"] is None
+    mine = await c.call("GET", "/api/calls", 200, self_service, query="status=502&tool==search")
+    assert {call["key_id"] for call in mine["calls"]} == {self_issued.record.id}
+    for query in ("status=99", "limit=501", "before=0", "limit=x", "key_id=", "verbose=1"):
+        await c.call("GET", "/api/calls", 422, admin, query=query)
+    await c.call("GET", "/api/calls", 404, self_service, query=f"user_id={boss.id}")
+    await c.call("GET", "/api/calls", 403, mcp_only)
 
     # better-auth compatible routes.
     await c.call("GET", "/api/auth/api-key/list", 200, self_service)
