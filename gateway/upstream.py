@@ -588,6 +588,9 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops at a 101 and hands the rest of the stream over: nothing we speak.
+            self._retire(UpstreamError("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._retire(UpstreamError(f"malformed answer from the upstream: {exc}"))
 
@@ -639,6 +642,10 @@ class _Connection(asyncio.Protocol):
         if self._state is not _State.ANSWERING:
             return  # the head of an answer nobody asked for (see on_message_begin)
         status = self._parser.get_status_code()
+        if status == 101:
+            # Switching protocols: never asked for, and past it the stream is not HTTP.
+            self._retire(UpstreamError("the upstream switched protocols"))
+            return
         if 100 <= status < 200:
             self._headers = []  # informational (100 Continue, 103 Early Hints): not the answer
             return

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
@@ -17,6 +17,19 @@ from tests.support import DEADLINE, wait_until
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 STRAY = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray"
+
+
+@contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What reaches the event loop's exception handler (asyncio logs it as an error)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield errors
+    finally:
+        loop.set_exception_handler(previous)
 
 
 class RawServer:
@@ -309,6 +322,33 @@ async def test_answer_read_to_the_end_keeps_its_connection(client: UpstreamClien
             async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
                 assert b"".join([chunk async for chunk in answer.iter_chunks()]) == body
         assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    ],
+    ids=["announced", "bare"],
+)
+async def test_switching_protocols_is_an_upstream_error_and_nothing_escapes(
+    client: UpstreamClient, switch: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(switch + b"\x81\x05hello")  # and then another protocol's bytes
+        await writer.drain()
+        await until_closed(reader)
+
+    with loop_errors() as errors:
+        async with raw_server(handler) as server:
+            with pytest.raises(UpstreamError, match="switched protocols"):
+                await client.request("GET", url(server), CIMultiDict(), None)
+            async with asyncio.timeout(DEADLINE):
+                await server.ended.wait()  # the client closed the connection
+    assert errors == []
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamClient) -> None:

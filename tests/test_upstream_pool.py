@@ -20,8 +20,10 @@ from tests.support import DEADLINE, Keystile, Upstream, make_settings, start_key
 from tests.test_upstream_client import (
     OK,
     RawServer,
+    loop_errors,
     raw_server,
     read_request,
+    until_closed,
     url,
 )
 
@@ -280,6 +282,33 @@ async def test_clients_leaving_large_answers_early_do_not_poison_the_pool(
     assert [seen["path"] for seen in upstream.seen] == [
         f"/github/mcp/after-{size}" for size in sizes
     ]
+
+
+async def test_an_upstream_switching_protocols_is_502(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n\x81\x05hello"
+        )
+        await writer.drain()
+        await until_closed(reader)
+
+    with loop_errors() as errors:
+        async with raw_server(switching) as server:
+            settings = only_server("ws", url(server))
+            async with start_keystile(settings, database_url) as ks:
+                issued = await a_key(ks)
+                status, headers, body = await ks.request("GET", "/mcp-connect/ws/", issued.key)
+            assert status == 502
+            assert headers["Content-Type"].startswith("application/json")
+            assert body["error"] == "bad_gateway"
+            async with asyncio.timeout(DEADLINE):
+                await server.ended.wait()
+    assert errors == []
+    assert not [record for record in caplog.records if record.name == "asyncio"]
 
 
 async def test_the_upstream_connection_limit_queues_requests_end_to_end(
