@@ -522,6 +522,8 @@ class _Connection(asyncio.Protocol):
             if self._head.done():
                 self._keep = False  # answered (or failed) before the upload ended: stop
                 return
+            if not chunk:
+                continue  # an empty chunk would be the terminating one
             transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             if self._writing_paused:
                 await self._wait()

@@ -351,6 +351,29 @@ async def test_switching_protocols_is_an_upstream_error_and_nothing_escapes(
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+async def test_an_empty_chunk_of_a_streamed_body_is_not_sent(client: UpstreamClient) -> None:
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _: int) -> None:
+        await read_head(reader)
+        received.append(await reader.readuntil(b"0\r\n\r\n"))  # up to the first last-chunk
+        writer.write(OK)
+        await writer.drain()
+        await until_closed(reader)
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in (b"one", b"", b"two", b""):
+            await asyncio.sleep(0)
+            yield part
+
+    async with (
+        raw_server(handler) as server,
+        await client.request("POST", url(server), CIMultiDict(), body()) as answer,
+    ):
+        assert await answer.read() == b"ok"
+    assert received == [b"3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"]
+
+
 async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamClient) -> None:
     total = 64 * 1024 * 1024
     finished = asyncio.Event()
