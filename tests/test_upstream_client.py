@@ -254,7 +254,7 @@ async def test_streamed_upload_goes_out_chunked(client: UpstreamClient) -> None:
 
     async def body() -> AsyncIterator[bytes]:
         for part in (b"one", b"two", b"three"):
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # each part a write of its own
             yield part
 
     async with (
@@ -389,8 +389,9 @@ async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamCli
 
     async with raw_server(handler) as server:
         async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
-            await asyncio.sleep(0.5)
-            # Nobody reads: the client stopped reading, the sockets filled, the server waits.
+            # Nobody reads: the client stops reading the socket; everything the server could
+            # still send fits in the sockets' buffers, far less than the answer, so it waits.
+            await wait_until(lambda: reading_paused(answer))
             assert not finished.is_set()
             size = 0
             async for chunk in answer.iter_chunks():
@@ -404,7 +405,7 @@ async def test_abort_all_ends_answers_in_flight(client: UpstreamClient) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         await writer.drain()
-        await asyncio.sleep(30)
+        await until_closed(reader)
 
     async with (
         raw_server(handler) as server,
@@ -470,9 +471,21 @@ async def test_an_answer_arriving_on_an_idle_connection_retires_it(
         assert server.connections == 2
 
 
+class Clock:
+    """Stands in for the client's monotonic clock: time passes only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_connections_idle_too_long_are_closed_not_reused(
     client: UpstreamClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = Clock()
+    monkeypatch.setattr(upstream, "monotonic", clock)
     monkeypatch.setattr(upstream, "IDLE_SECONDS", 1.0)
     holder: list[RawServer] = []
 
@@ -484,13 +497,13 @@ async def test_connections_idle_too_long_are_closed_not_reused(
         holder.append(server)
         await asyncio.gather(get(), get())  # two connections, both pooled
         assert server.connections == 2
-        await asyncio.sleep(0.5)
+        clock.now += 0.5
         await get()  # reuses the newer one
-        await asyncio.sleep(0.7)
+        clock.now += 0.7
         await get()  # the newer again; the older, idle for 1.2 s, is closed on the way
         assert server.connections == 2
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEADLINE):
             await server.ended.wait()
-        await asyncio.sleep(1.2)
+        clock.now += 1.2
         await get()  # everything pooled has idled past the limit: a fresh connection
         assert server.connections == 3
