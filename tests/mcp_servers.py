@@ -414,3 +414,42 @@ def catalog_sse_app() -> McpApp:
         ]
     )
     return McpApp(app, notes=notes)
+
+
+# --- an upstream whose answers the test writes byte for byte ---------------------------------
+
+
+@dataclass
+class Scripted:
+    """One answer to a POST: its Content-Type and body parts; with a `gate`, the first part is
+    sent, then the answer waits for the gate before sending the rest (a stream held open)."""
+
+    content_type: str
+    parts: tuple[bytes, ...]
+    gate: asyncio.Event | None = None
+
+
+def scripted_app(answers: list[Scripted]) -> McpApp:
+    """An HTTP server that answers each POST with the next of `answers` (queued by the test),
+    exactly as written: for the framings a real server may choose and the SDK's never does."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        while (await receive()).get("more_body"):
+            pass
+        answer = answers.pop(0)
+        headers = [(b"content-type", answer.content_type.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        first, *rest = answer.parts
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        if answer.gate is not None:
+            await answer.gate.wait()
+        for part in rest:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return McpApp(app)
