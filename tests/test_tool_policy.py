@@ -10,6 +10,7 @@ ran, so "the upstream never saw it" is checked on the server's side of the wire.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import itertools
 import json
@@ -41,12 +42,15 @@ from tests.mcp_servers import (
     CATALOG,
     LOOPBACK,
     RunningServer,
+    Scripted,
     catalog_app,
     catalog_sse_app,
+    scripted_app,
     serve,
 )
 from tests.processes import ServeProcess, free_port
 from tests.support import (
+    DEADLINE,
     NO_BODY,
     Keystile,
     Reply,
@@ -107,6 +111,7 @@ class Stack:
     pages: RunningServer
     echo: Upstream
     admin: IssuedKey
+    script: list[Scripted]  # the scripted server's next answers
     _emails: Iterator[int] = field(default_factory=itertools.count)
 
     def url(self, server: str, rest: str = "") -> str:
@@ -165,9 +170,13 @@ class Stack:
 @pytest.fixture
 async def stack(database_url: str) -> AsyncIterator[Stack]:
     async with AsyncExitStack() as exit_stack:
-        github, legacy, pages = await exit_stack.enter_async_context(
+        script: list[Scripted] = []
+        github, legacy, pages, scripted = await exit_stack.enter_async_context(
             serve(
-                catalog_app(), catalog_sse_app(), catalog_app(pages=PAGES, replayed=frozenset({1}))
+                catalog_app(),
+                catalog_sse_app(),
+                catalog_app(pages=PAGES, replayed=frozenset({1})),
+                scripted_app(script),
             )
         )
         echo = await start_upstream()
@@ -184,13 +193,14 @@ async def stack(database_url: str) -> AsyncIterator[Stack]:
                 "legacy": UpstreamSettings(url=legacy.origin),
                 "pages": UpstreamSettings(url=f"{pages.origin}/mcp"),
                 "echo": UpstreamSettings(url=f"{echo.url}/echo/mcp"),
+                "scripted": UpstreamSettings(url=f"{scripted.origin}/mcp"),
                 # Nothing listens here: discovery's 502.
                 "down": UpstreamSettings(url=f"http://{LOOPBACK}:{free_port()}/mcp"),
             },
         )
         ks = await exit_stack.enter_async_context(start_keystile(settings, database_url))
         _, admin = await make_admin(ks)
-        yield Stack(ks, github, legacy, pages, echo, admin)
+        yield Stack(ks, github, legacy, pages, echo, admin, script)
 
 
 @dataclass
@@ -606,6 +616,100 @@ async def test_get_stream_notifications_pass_untouched(stack: Stack) -> None:
     (get,) = stack.github.requests("GET")
     assert bytes(get.response_body).startswith(received)
     assert sse_messages(received)[-1]["method"] == "notifications/tools/list_changed"
+
+
+LISTED = {
+    "jsonrpc": "2.0",
+    "id": 7,
+    "result": {
+        "tools": [{"name": "search_repos", "inputSchema": {}}, {"name": "delete_repo"}],
+        "nextCursor": "next",
+    },
+}
+NOTE = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": "x"}}
+# Line terminators of the data lines, and of the blank line ending the event: the SSE format
+# allows CRLF, LF or CR for each line, mixed as a server likes.
+ENDINGS = [
+    (b"\n", b"\n"),
+    (b"\r\n", b"\r\n"),
+    (b"\r", b"\r"),
+    (b"\n", b"\r\n"),
+    (b"\r\n", b"\n"),
+    (b"\r\n", b"\r"),
+    (b"\n", b"\r"),
+]
+
+
+def event(message: object, line: bytes = b"\n", blank: bytes = b"\n") -> bytes:
+    return b"event: message" + line + b"data: " + encoded(message) + line + blank
+
+
+def events(raw: bytes) -> list[Any]:
+    """The data of each complete event in a stream, read as the SSE format says (any line
+    ending, an event ended by a blank line)."""
+    found: list[Any] = []
+    data: list[bytes] = []
+    for line in raw.splitlines(keepends=True):
+        content = line.rstrip(b"\r\n")
+        if not content:
+            if data:
+                found.append(json.loads(b"\n".join(data)))
+            data = []
+        elif content.startswith(b"data:"):
+            data.append(content[5:].removeprefix(b" "))
+    return found
+
+
+async def test_list_events_are_filtered_whatever_their_line_endings(stack: Stack) -> None:
+    member = await stack.member(tools=["scripted/*", "!scripted/delete_*"])
+    request = encoded({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+    for line, blank in ENDINGS:
+        note = event(NOTE, line, blank)
+        stack.script.append(Scripted("text/event-stream", (event(LISTED, line, blank) + note,)))
+        status, headers, answer = await stack.post("scripted", member.key, request)
+        assert status == 200 and headers["Content-Type"] == "text/event-stream"
+        assert events(answer) == [without(LISTED, {"delete_repo"}), NOTE], (line, blank)
+        assert answer.endswith(note), (line, blank)  # other events: untouched
+
+
+async def test_a_list_event_is_passed_as_soon_as_it_is_complete(stack: Stack) -> None:
+    """An event ended by a lone CR after a CRLF line is complete: it reaches the client while
+    the server holds the stream open (the server goes on only once the client has it)."""
+    member = await stack.member(tools=["scripted/search_*"])
+    gate = asyncio.Event()
+    parts = (event(LISTED, b"\r\n", b"\r"), event(NOTE, b"\r\n", b"\r\n"))
+    stack.script.append(Scripted("text/event-stream", parts, gate))
+    request = encoded({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+    headers = {**member.bearer, **STREAMABLE}
+    async with stack.ks.http.post(stack.url("scripted"), data=request, headers=headers) as resp:
+        assert resp.status == 200
+        received = b""
+        async with asyncio.timeout(DEADLINE):  # only turns a hang into a failure
+            while not events(received):
+                chunk = await resp.content.readany()
+                assert chunk, "the stream ended"
+                received += chunk
+        assert events(received) == [without(LISTED, {"delete_repo"})]
+        gate.set()
+        received += await resp.content.read()
+    assert events(received) == [without(LISTED, {"delete_repo"}), NOTE]
+
+
+async def test_list_answers_are_filtered_whatever_the_case_of_their_media_type(
+    stack: Stack,
+) -> None:
+    member = await stack.member(tools=["scripted/search_*"])
+    request = encoded({"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+    answers = [
+        Scripted("Text/Event-Stream", (event(LISTED),)),
+        Scripted("Application/JSON; charset=UTF-8", (encoded(LISTED),)),
+    ]
+    for answer in answers:
+        stack.script.append(answer)
+        status, _, body = await stack.post("scripted", member.key, request)
+        assert status == 200
+        got = events(body) if b"data:" in body else [body]
+        assert got == [without(LISTED, {"delete_repo"})], answer.content_type
 
 
 # --- 3. Raw HTTP edge cases ------------------------------------------------------------------

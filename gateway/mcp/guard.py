@@ -85,7 +85,8 @@ class ToolGuard:
         allows = functools.partial(policy.allows, server)
 
         def for_answer(status: int, headers: CIMultiDict[str]) -> BodyTransform | None:
-            content_type = headers.get("Content-Type", "")
+            # Media types are case-insensitive; a client reads "Text/Event-Stream" as SSE.
+            content_type = headers.get("Content-Type", "").lower()
             if content_type.startswith("text/event-stream"):
                 filtered: BodyTransform = SseListFilter(allows)
             elif "json" in content_type:

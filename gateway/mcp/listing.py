@@ -21,7 +21,12 @@ from gateway.transform import StreamRefused
 
 Allows = Callable[[str], bool]  # a tool name -> may the key call it
 MAX_HELD = 16 * 1024 * 1024
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event ends at a blank line: a line's end, then an empty line's end. The SSE format lets
+# each line end in CRLF, LF or CR, mixed ("\n\r\n" ends an event too); a CR is a line's end
+# on its own only when no LF follows, or CRLF would read as two ends. A lone CR at the end of
+# what has arrived ends the event: an LF arriving after it is then a blank line of its own,
+# which the client ignores.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 _MARK = b'"tools"'
 
 
