@@ -301,8 +301,8 @@ class Forwarder:
             await response.prepare(request)
             await _pump(upstream, response, body_transform, watch, self._watchdog)
             await response.write_eof()
-        except ConnectionResetError:
-            return response  # the client went away
+        except ConnectionError:  # the client went away (reset, or lost while we wrote)
+            return response
         except StreamRefused as exc:
             # Headers are out: cut the connection, so the client never completes the event.
             self._metrics.upstream_errors.inc()
@@ -407,7 +407,7 @@ def _client_gone() -> web.Response:
 
 
 async def _end_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(ConnectionResetError, RuntimeError):
+    with contextlib.suppress(ConnectionError, RuntimeError):
         await response.write_eof()
 
 
