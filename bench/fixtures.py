@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.config import DatabaseSettings
 from gateway.db import connect_and_migrate
 from gateway.keyring import Keyring
 from gateway.store import Actor, Store
+from gateway.usage_store import BUILD_HOURLY, bucket_bounds
 
 
 def with_database(url: str, name: str) -> str:
@@ -190,3 +192,93 @@ async def insert_filler(
     async with pool.acquire() as conn:
         await conn.execute(FILLER_SQL, user_id, workspace_id, dummy, start, stop - 1)
         await conn.execute("ANALYZE api_keys")
+
+
+# Call records generated inside PostgreSQL (a minute for millions, no Python per row): `n`
+# records at even steps from $4 (epoch seconds) every $5 seconds, for keys $2 of users $3
+# (parallel arrays). Keys are picked with a skew (the first gets ~10% of the traffic, as a
+# busy CI key would); every tenth key is a chat key; the rest call tools of one server each,
+# tools skewed towards the first names; ~8% errors; durations log-uniform from 1 ms to 8 s.
+FILL_CALLS_SQL = """
+INSERT INTO calls (time, request_id, workspace_id, user_id, key_id, route, server, mcp_method,
+                   tool, status, duration_ms, bytes_in, bytes_out, client)
+SELECT to_timestamp($4::float8 + g.i * $5::float8),
+       'bench-' || g.i,
+       $1,
+       ($3::text[])[g.k],
+       ($2::text[])[g.k],
+       CASE WHEN g.k % 10 = 0 THEN 'chat' ELSE 'mcp' END,
+       CASE WHEN g.k % 10 <> 0 THEN ($6::text[])[1 + g.k % cardinality($6::text[])] END,
+       CASE WHEN g.k % 10 = 0 THEN NULL WHEN g.r < 0.85 THEN 'tools/call' ELSE 'tools/list' END,
+       CASE WHEN g.k % 10 <> 0 AND g.r < 0.85
+            THEN ($7::text[])[1 + floor(g.s * g.s * cardinality($7::text[]))::int] END,
+       CASE WHEN g.t < 0.92 THEN 200 WHEN g.t < 0.96 THEN 403 WHEN g.t < 0.985 THEN 429
+            ELSE 502 END,
+       round(exp(g.d * 9)::numeric, 3)::float8,
+       200 + g.i % 1800,
+       400 + (g.i * 7) % 40000,
+       '10.0.' || (g.k % 250) || '.1'
+FROM (SELECT i, 1 + floor(random() ^ 2 * cardinality($2::text[]))::int AS k,
+             random() AS r, random() AS s, random() AS t, random() AS d
+      FROM generate_series(0, $8::int - 1) AS i) AS g
+"""
+
+
+async def fill_calls(
+    pool: asyncpg.Pool,
+    *,
+    workspace_id: str,
+    keys: list[tuple[str, str]],
+    count: int,
+    start: float,
+    seconds: float,
+    servers: list[str],
+    tools: list[str],
+) -> dict[str, float]:
+    """`count` call records over `seconds` from `start` (epoch) for `keys` (key id, user id),
+    then their hourly roll-ups built in one INSERT ... SELECT, then statistics. Returns the
+    seconds each step took."""
+    key_ids = [k for k, _ in keys]
+    user_ids = [u for _, u in keys]
+    took: dict[str, float] = {}
+    async with pool.acquire() as conn:
+        started = time.perf_counter()
+        await conn.execute(
+            FILL_CALLS_SQL,
+            workspace_id,
+            key_ids,
+            user_ids,
+            start,
+            seconds / count,
+            servers,
+            tools,
+            count,
+        )
+        took["calls"] = time.perf_counter() - started
+        started = time.perf_counter()
+        await conn.execute(BUILD_HOURLY, bucket_bounds())
+        took["rollups"] = time.perf_counter() - started
+        started = time.perf_counter()
+        await conn.execute("VACUUM ANALYZE usage_hourly")
+        await conn.execute("ANALYZE calls")
+        took["analyze"] = time.perf_counter() - started
+    return {step: round(s, 1) for step, s in took.items()}
+
+
+async def table_sizes(pool: asyncpg.Pool, tables: list[str]) -> dict[str, dict[str, Any]]:
+    """Rows, heap and index bytes of each table (MiB, rounded)."""
+    out: dict[str, dict[str, Any]] = {}
+    async with pool.acquire() as conn:
+        for table in tables:
+            row = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM " + table + ") AS rows, "  # a fixed name
+                "pg_table_size($1::regclass) AS heap, pg_indexes_size($1::regclass) AS indexes",
+                table,
+            )
+            assert row is not None
+            out[table] = {
+                "rows": int(row["rows"]),
+                "table_mib": round(row["heap"] / 2**20, 1),
+                "indexes_mib": round(row["indexes"] / 2**20, 1),
+            }
+    return out

@@ -30,7 +30,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +47,7 @@ from bench.procs import (
     status_kib,
     wait_port,
 )
-from gateway import keys
+from gateway import keys, usage_store
 from gateway.cache import CachedKey, KeyCache, VerifiedSecret
 from gateway.config import KeySettings
 from gateway.embedded_pg import EmbeddedPostgres
@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MAIN_DB = f"keystile_bench_{os.getpid()}"  # per run: runs may share a DATABASE_URL server
 SCALE_DB = f"keystile_bench_scale_{os.getpid()}"
+USAGE_DB = f"keystile_bench_usage_{os.getpid()}"
 SERVER = "bench"  # the MCP server name configured in Keystile
 PROXY_PATH = f"/mcp-connect/{SERVER}"
 KIB = 1024
@@ -65,6 +66,12 @@ TARGET_RATIO = 0.7
 # A key with a tool policy: what the policy may add to the hot path's CPU per request.
 POLICY_PATTERNS = ("bench/search", "bench/get_*", "!bench/delete_*")
 POLICY_TARGET = 0.15
+# GET /api/usage for one key over 7 days, on a store of 10M call records: the target (ms).
+USAGE_TARGET_MS = 200.0
+USAGE_USERS = 4
+USAGE_KEYS = 100
+USAGE_DAYS = 30
+USAGE_TOOLS = ["search", "get_issue", "list_files", "create_pr", "comment", "get_file", "run"]
 PHASES = (
     "throughput",
     "workers",
@@ -74,6 +81,7 @@ PHASES = (
     "herd",
     "revocation",
     "store_scale",
+    "usage_query",
     "attack",  # last: it leaves the driver's address throttled for a window
 )
 
@@ -95,6 +103,8 @@ class Config:
     store_sample: int
     store_passes: int
     memory_keys: int
+    usage_calls: int
+    usage_runs: int
     rss_keys: int
     revocations: int
     profile_seconds: int
@@ -117,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--connections", type=int, default=50, help="wrk connections (50)")
     parser.add_argument("--herd", type=int, help="distinct keys in the herd (10000; 100)")
     parser.add_argument("--store-scale", type=int, help="keys in the big store (1000000; 5000)")
+    parser.add_argument(
+        "--usage-calls", type=int, help="call records in the usage store (10000000; 100000)"
+    )
     parser.add_argument("--revocations", type=int, help="revocations timed (100; 5)")
     parser.add_argument("--profile-seconds", type=int, help="py-spy seconds, 0 = off (10; 0)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
@@ -146,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store_sample=10 if q else 200,
         store_passes=1 if q else 2,
         memory_keys=500 if q else 10_000,
+        usage_calls=a.usage_calls or (100_000 if q else 10_000_000),
+        usage_runs=3 if q else 9,
         rss_keys=100 if q else 2040,
         revocations=a.revocations or (5 if q else 100),
         profile_seconds=a.profile_seconds if a.profile_seconds is not None else (0 if q else 10),
@@ -1295,6 +1310,158 @@ class Bench:
             " per process",
         }
 
+    # --- usage over many call records ---
+
+    async def usage_query(self) -> None:
+        """GET /api/usage through `keystile serve` on a database of its own holding
+        cfg.usage_calls call records over 30 days (and their hourly roll-ups)."""
+        cfg = self.cfg
+        url = await fixtures.create_database(self.root_url, USAGE_DB)
+        self.created_dbs.append(USAGE_DB)
+        pool, _store, keyring = await fixtures.open_store(url)
+        try:
+            filled = await self._fill_usage(pool, keyring)
+        finally:
+            await pool.close()
+        name = "keystile_usage"
+        gw, adm = free_port(), free_port()
+        self._gw_ports[name], self.admin_ports[name] = gw, adm
+        self.keystile_cfg[name] = keystile_config(
+            self.work / f"{name}.toml", gateway=gw, admin=adm, upstream=self.upstream_port
+        )
+        proc = await self.start_keystile(name, url)
+        try:
+            timed = await self._time_usage(adm, filled["admin_key"], filled["busiest_key"])
+        finally:
+            self.stop(proc)
+        await fixtures.drop_database(self.root_url, USAGE_DB)  # gigabytes: free them now
+        one_key = timed.pop("one_key_7_days")
+        worst = max(t["max_ms"] for t in one_key.values())
+        self.results["usage_query"] = {
+            "method": f"a database of its own: {cfg.usage_calls:,} call records over "
+            f"{USAGE_DAYS} days for {USAGE_KEYS} keys of {USAGE_USERS} users (generate_series "
+            "in PostgreSQL, keys picked with a skew), then the hourly roll-ups built with one "
+            "INSERT ... SELECT; `keystile serve` restarted on it; each query once untimed, then "
+            f"{cfg.usage_runs} times sequentially on one connection with an admin key, timed "
+            "at the client (request sent to body read); the busiest key",
+            "calls": cfg.usage_calls,
+            "tables": filled["tables"],
+            "fill_seconds": filled["fill_seconds"],
+            "busiest_key_7_days": filled["busiest_key_7_days"],
+            "sql_execution_ms": filled["sql_execution_ms"],
+            "one_key_7_days": one_key,
+            "informational": timed,
+            "target_ms": USAGE_TARGET_MS,
+            "met": worst < USAGE_TARGET_MS,
+        }
+
+    async def _fill_usage(self, pool: Any, keyring: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        ws = await keyring.ensure_workspace("default")
+        actor = Actor(ws.id)
+        boss = await keyring.create_user(
+            actor, email="usage-admin@localhost", role="admin", servers=["*"]
+        )
+        admin = await keyring.create_key(
+            actor, user_id=boss.id, name="usage", permissions=["admin", "keys", "mcp", "chat"]
+        )
+        keys: list[tuple[str, str]] = []
+        for n in range(USAGE_USERS):
+            user = await keyring.create_user(actor, email=f"usage-{n}@localhost", servers=["*"])
+            minted = await fixtures.mint_keys(
+                keyring, actor, user.id, USAGE_KEYS // USAGE_USERS, prefix=f"u{n}"
+            )
+            keys += [(key_id, user.id) for key_id, _ in minted]
+        span = USAGE_DAYS * 86400
+        started = time.perf_counter()
+        steps = await fixtures.fill_calls(
+            pool,
+            workspace_id=ws.id,
+            keys=keys,
+            count=cfg.usage_calls,
+            start=time.time() - span,
+            seconds=span,
+            servers=[SERVER, "github", "gitlab"],
+            tools=USAGE_TOOLS,
+        )
+        fill_s = time.perf_counter() - started
+        busiest = keys[0][0]  # the skew gives the first key the most traffic
+        week_ago = datetime.now(UTC) - timedelta(days=7)
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT count(*) AS rows, COALESCE(sum(requests), 0) AS requests "
+                "FROM usage_hourly WHERE key_id = $1 AND hour >= $2",
+                busiest,
+                week_ago,
+            )
+            plans = {}
+            for group_by in (["day"], ["tool", "status"]):
+                scope = usage_store.Scope(ws.id, key_id=busiest)
+                sql, values = usage_store.usage_sql(scope, group_by)
+                plan = await conn.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}",
+                    ws.id,
+                    week_ago,
+                    datetime.now(UTC),
+                    *values,
+                )
+                plan_json = json.loads(plan) if isinstance(plan, str) else plan
+                plans[",".join(group_by)] = plan_json[0]["Execution Time"]
+        return {
+            "admin_key": admin.key,
+            "busiest_key": busiest,
+            "tables": await fixtures.table_sizes(pool, ["calls", "usage_hourly"]),
+            "fill_seconds": {"total": round(fill_s, 1), **steps},
+            "busiest_key_7_days": {
+                "hourly_rows": int(row["rows"]),
+                "requests": int(row["requests"]),
+            },
+            "sql_execution_ms": plans,
+        }
+
+    async def _time_usage(self, admin_port: int, key: str, key_id: str) -> dict[str, Any]:
+        """Client-side latency of each query: one untimed call, then cfg.usage_runs timed."""
+        now = datetime.now(UTC)
+        window = {
+            "from": (now - timedelta(days=7)).isoformat(),
+            "to": now.isoformat(),
+        }
+        base = f"http://127.0.0.1:{admin_port}"
+        queries: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
+            "one_key_7_days": {
+                "group_by=day": ("/api/usage", {"key_id": key_id, "group_by": "day", **window}),
+                "group_by=tool,status": (
+                    "/api/usage",
+                    {"key_id": key_id, "group_by": "tool,status", **window},
+                ),
+            },
+            "informational": {
+                "workspace_7_days_group_by=day": ("/api/usage", {"group_by": "day", **window}),
+                "workspace_30_days_group_by=key": (
+                    "/api/usage",
+                    {"group_by": "key", "from": (now - timedelta(days=30)).isoformat()},
+                ),
+                "calls_one_key_first_page": ("/api/calls", {"key_id": key_id, "limit": "100"}),
+            },
+        }
+        headers = {"Authorization": f"Bearer {key}"}
+        out: dict[str, Any] = {}
+        async with clients.session(1) as http:
+            for group, named in queries.items():
+                out[group] = {}
+                for label, (path, params) in named.items():
+                    latencies: list[float] = []
+                    for run in range(self.cfg.usage_runs + 1):
+                        started = time.perf_counter()
+                        async with http.get(base + path, params=params, headers=headers) as resp:
+                            body = await resp.read()
+                            if resp.status != 200:
+                                raise RuntimeError(f"{path} {params}: {resp.status} {body[:300]!r}")
+                        if run:  # the first call warms the key cache and the plan
+                            latencies.append((time.perf_counter() - started) * 1000)
+                    out[group][label] = clients.summary_ms(latencies)
+        return out
+
     # --- the whole run ---
 
     async def run(self) -> dict[str, Any]:
@@ -1324,6 +1491,7 @@ class Bench:
             "herd": self.herd,
             "revocation": self.revocation,
             "store_scale": self.store_scale,
+            "usage_query": self.usage_query,
             "attack": self.attack,
         }
         for name in PHASES:  # PHASES holds the order (and --only checks against it)
@@ -1422,6 +1590,17 @@ class Bench:
                 "< 1024 B",
                 mem_t["bytes_per_cached_key"],
                 mem_t["met"],
+            )
+        usage = r.get("usage_query", {})
+        if "met" in usage:
+            timed = usage["one_key_7_days"]
+            add(
+                "usage",
+                f"GET /api/usage, one key over 7 days, {usage['calls']:,} call records "
+                "(median / max of each group_by)",
+                f"< {USAGE_TARGET_MS:g} ms",
+                "; ".join(f"{q}: {t['median_ms']} / {t['max_ms']} ms" for q, t in timed.items()),
+                usage["met"],
             )
         for name in self.errors:
             add("-", f"phase {name} completed", "no error", self.errors[name], False)
