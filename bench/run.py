@@ -1349,6 +1349,7 @@ class Bench:
             "fill_seconds": filled["fill_seconds"],
             "busiest_key_7_days": filled["busiest_key_7_days"],
             "sql_execution_ms": filled["sql_execution_ms"],
+            "sql_plan_tool_status": filled["sql_plan_tool_status"],
             "one_key_7_days": one_key,
             "informational": timed["informational"],
             "target_ms": USAGE_TARGET_MS,
@@ -1407,6 +1408,9 @@ class Bench:
                 )
                 plan_json = json.loads(plan) if isinstance(plan, str) else plan
                 plans[",".join(group_by)] = plan_json[0]["Execution Time"]
+            text_plan = await conn.fetch(
+                f"EXPLAIN (ANALYZE, BUFFERS) {sql}", ws.id, week_ago, datetime.now(UTC), *values
+            )
         return {
             "admin_key": admin.key,
             "busiest_key": busiest,
@@ -1417,6 +1421,7 @@ class Bench:
                 "requests": int(row["requests"]),
             },
             "sql_execution_ms": plans,
+            "sql_plan_tool_status": [r[0] for r in text_plan],
         }
 
     async def _time_usage(self, admin_port: int, key: str, key_id: str) -> dict[str, Any]:
