@@ -8,6 +8,9 @@ second of access lines, never a security or error log line (those go through `lo
 
     2026-11-22T10:15:02Z 10.0.0.7 "POST /mcp-connect/github/mcp" 200 183 1.4ms
 
+With `gateway.access_log_format = "json"` each line is a JSON object instead, adding what the
+data plane learnt of the request: request_id, key_id, user_id, server, mcp_method, tool.
+
 Lines never carry headers, so never a key; and since a careless client may put one in the
 URL (`?api_key=...`), query values whose name sounds like a credential, or that look like a
 Keystile key, are written as `REDACTED`.
@@ -15,6 +18,7 @@ Keystile key, are written as `REDACTED`.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -22,7 +26,12 @@ from typing import TextIO
 from urllib.parse import unquote
 
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
+
+from gateway.calls import Exchange
+
+# Where a data-plane request keeps its Exchange, for the access log.
+EXCHANGE = RequestKey("keystile_exchange", Exchange)
 
 _FLUSH_BYTES = 64 * 1024
 _CREDENTIAL_NAME = re.compile(
@@ -103,6 +112,34 @@ class AccessLogger(AbstractAccessLogger):
     @property
     def enabled(self) -> bool:
         return True
+
+
+class JsonAccessLogger(AccessLogger):
+    """One JSON object per line (`gateway.access_log_format = "json"`)."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        exchange = request.get(EXCHANGE)
+        principal = exchange.principal if exchange is not None else None
+        line = {
+            "time": BUFFER.stamp(),
+            "client": request.remote,
+            "method": request.method,
+            "path": redacted_target(request.raw_path),
+            "status": response.status,
+            "bytes": response.body_length,
+            "duration_ms": round(time * 1000, 3),
+            "request_id": exchange.request_id if exchange is not None else None,
+            "key_id": principal.key.id if principal is not None else None,
+            "user_id": principal.user.id if principal is not None else None,
+            "server": (exchange.server or None) if exchange is not None else None,
+            "mcp_method": exchange.mcp_method if exchange is not None else None,
+            "tool": exchange.tool if exchange is not None else None,
+        }
+        BUFFER.append(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def access_logger_class(log_format: str) -> type[AccessLogger]:
+    return JsonAccessLogger if log_format == "json" else AccessLogger
 
 
 def flush_access_log() -> None:

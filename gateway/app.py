@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.accesslog import AccessLogger, flush_access_log
+from gateway.accesslog import access_logger_class, flush_access_log
 from gateway.config import Settings
 from gateway.dataplane import DataPlane
 from gateway.listen import (
@@ -70,6 +70,7 @@ async def data_plane(
         authenticator=runtime.authenticator,
         forwarder=forwarder,
         usage=runtime.usage,
+        calls=runtime.calls,
         metrics=runtime.metrics,
         readiness=runtime.readiness,
         throttle=runtime.data_throttle,
@@ -125,7 +126,7 @@ def _handler_args(settings: Settings) -> dict[str, Any]:
     """aiohttp's per-connection settings, the same on both planes."""
     _install_log_hygiene()
     return {
-        "access_log_class": AccessLogger,
+        "access_log_class": access_logger_class(settings.gateway.access_log_format),
         # aiohttp wants a logger to enable access logging; AccessLogger writes its own buffer.
         "access_log": logging.getLogger("keystile.access") if settings.gateway.access_log else None,
         # Also the deadline for a request head: aiohttp closes a connection whose head is

@@ -12,8 +12,15 @@ that hourly roll-ups can answer percentiles without the raw rows.
 from __future__ import annotations
 
 import bisect
+import itertools
+import json
+import re
+import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from gateway.models import Principal
 
 Route = Literal["mcp", "chat", "me"]
 
@@ -78,3 +85,80 @@ def percentile_ms(buckets: list[int], fraction: float) -> float | None:
             return round(low + (high - low) * (rank - seen) / count, 3)
         seen += count
     return float(DURATION_BUCKETS_MS[-1])
+
+
+# --- request ids ----------------------------------------------------------------------------
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_PROCESS = secrets.token_hex(4)  # unique enough per process; the counter does the rest
+_counter = itertools.count(1)
+
+
+def request_id(sent: str | None) -> str:
+    """The client's X-Request-Id when it is 1-128 of [A-Za-z0-9._:-], else a new one."""
+    if sent is not None and _REQUEST_ID.fullmatch(sent):
+        return sent
+    return f"ks-{_PROCESS}-{next(_counter):x}"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the data plane learns about one request as it goes: for its call record, its
+    access-log line and its metrics."""
+
+    request_id: str
+    started: float  # time.time() at arrival
+    route: str = "invalid"
+    server: str = ""  # a configured server's name, or ""
+    principal: Principal | None = None  # once the key verified
+    mcp_method: str | None = None
+    tool: str | None = None
+    bytes_in: int = 0
+    body: bytes | None = None  # a request body read whole (never kept past the request)
+
+    def call_record(self, status: int, duration: float, bytes_out: int, client: str) -> CallRecord:
+        assert self.principal is not None
+        p = self.principal
+        route: Route = "mcp" if self.route == "mcp" else "chat" if self.route == "chat" else "me"
+        return CallRecord(
+            time=self.started,
+            request_id=self.request_id,
+            workspace_id=p.workspace.id,
+            user_id=p.user.id,
+            key_id=p.key.id,
+            route=route,
+            server=self.server or None,
+            mcp_method=self.mcp_method,
+            tool=self.tool,
+            status=status,
+            duration_ms=round(duration * 1000, 3),
+            bytes_in=self.bytes_in,
+            bytes_out=bytes_out,
+            client=client,
+        )
+
+
+def mcp_names(
+    headers: Mapping[str, str], body: bytes | None, limit: int
+) -> tuple[str | None, str | None]:
+    """The MCP method and tool a request names: from Mcp-Method / Mcp-Name (2026-07-28), else
+    from a single JSON-RPC object in a body of at most `limit` bytes. Never arguments."""
+    method, name = headers.get("Mcp-Method"), headers.get("Mcp-Name")
+    if method is None and body and len(body) <= limit:
+        try:
+            message = json.loads(body)
+        except (ValueError, RecursionError):
+            return None, None
+        if isinstance(message, dict) and isinstance(message.get("method"), str):
+            method = message["method"]
+            params = message.get("params")
+            if method == "tools/call" and isinstance(params, dict):
+                found = params.get("name")
+                name = found if isinstance(found, str) else None
+    tool = name if method == "tools/call" else None
+    return _bounded(method), _bounded(tool)
+
+
+def _bounded(value: str | None) -> str | None:
+    # Recorded values come from clients: kept short, so a record stays small.
+    return value[:200] if value is not None else None

@@ -52,6 +52,7 @@ class GatewaySettings:
     response_timeout: float = 60.0
     stream_idle_timeout: float = 0.0
     access_log: bool = True
+    access_log_format: str = "text"  # "text": one readable line; "json": one object per line
     shutdown_timeout: float = 30.0
     keepalive_timeout: float = 30.0  # idle connection, or one trickling a request head
     body_timeout: float = 30.0  # longest silence while a request body is read
@@ -343,6 +344,15 @@ def _number(minimum: float, *, exclusive: bool = False) -> Callable[[Any], float
     return parse
 
 
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(repr(c) for c in choices)}")
+        return str(value)
+
+    return parse
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError("expected true or false")
@@ -402,6 +412,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "response_timeout"): _number(0, exclusive=True),
     ("gateway", "stream_idle_timeout"): _number(0),
     ("gateway", "access_log"): _boolean,
+    ("gateway", "access_log_format"): _choice("text", "json"),
     ("gateway", "shutdown_timeout"): _number(0),
     ("gateway", "keepalive_timeout"): _number(0, exclusive=True),
     ("gateway", "body_timeout"): _number(0, exclusive=True),

@@ -14,7 +14,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway import paths, policy
+from gateway.accesslog import EXCHANGE
 from gateway.auth import Authenticator, credential
+from gateway.calls import Exchange, mcp_names, request_id
 from gateway.config import UpstreamSettings
 from gateway.errors import ApiError, not_found
 from gateway.mcp.guard import ToolGuard
@@ -25,11 +27,12 @@ from gateway.proxy import Forwarder
 from gateway.sse import EndpointRewriter, EndpointTarget
 from gateway.throttle import FailureThrottle, KeyRateLimiter, rate_limited
 from gateway.transform import BodyCheck, BodyTransform, StreamRefused, TransformFactory, chain
-from gateway.usage import LastUsedRecorder
+from gateway.usage import CallRecorder, LastUsedRecorder
 
 log = logging.getLogger("keystile.dataplane")
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
 _JSON = "application/json"
 
 
@@ -44,6 +47,7 @@ class DataPlane:
         authenticator: Authenticator,
         forwarder: Forwarder,
         usage: LastUsedRecorder,
+        calls: CallRecorder | None,
         metrics: Metrics,
         readiness: ReadinessCheck,
         throttle: FailureThrottle,
@@ -56,6 +60,7 @@ class DataPlane:
         self._auth = authenticator
         self._forwarder = forwarder
         self._usage = usage
+        self._calls = calls
         self._metrics = metrics
         self._readiness = readiness
         self._throttle = throttle
@@ -65,13 +70,14 @@ class DataPlane:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
-        kind, server = "invalid", ""
+        exchange = Exchange(request_id(request.headers.get("X-Request-Id")), time.time())
+        request[EXCHANGE] = exchange  # for the access log
         try:
             route = paths.route(request.raw_path)
-            kind = route.kind
+            exchange.route = route.kind
             if route.server in self._server_names:  # a label: configured names only
-                server = route.server
-            response = await self._dispatch(request, route)
+                exchange.server = route.server
+            response = await self._dispatch(request, route, exchange)
         except paths.PathError as exc:
             message = f"The request path is not acceptable: {exc}."
             response = ApiError(400, "bad_path", message).response()
@@ -83,10 +89,37 @@ class DataPlane:
             log.exception("data-plane request failed (incident %s)", incident)
             message = f"Internal error (incident {incident})."
             response = ApiError(500, "internal_error", message).response()
-        self._metrics.request(kind, server, response.status, time.monotonic() - started)
+        if not response.prepared:  # a streamed answer carried it in its head already
+            response.headers["X-Request-Id"] = exchange.request_id
+        duration = time.monotonic() - started
+        self._metrics.request(exchange.route, exchange.server, response.status, duration)
+        if exchange.principal is not None:
+            self._observed(request, exchange, response, duration)
         return response
 
-    async def _dispatch(self, request: web.BaseRequest, route: paths.Route) -> web.StreamResponse:
+    def _observed(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        response: web.StreamResponse,
+        duration: float,
+    ) -> None:
+        """A verified key's request is over: name its MCP method and tool (for the access log
+        and the call record), and record the call."""
+        if exchange.route == "mcp" and request.method == "POST":
+            exchange.mcp_method, exchange.tool = mcp_names(
+                request.headers, exchange.body, self._tools.max_inspect_bytes
+            )
+        exchange.body = None
+        if self._calls is not None:
+            sent = response.body_length if response.prepared else (response.content_length or 0)
+            self._calls.record(
+                exchange.call_record(response.status, duration, sent, self._client(request))
+            )
+
+    async def _dispatch(
+        self, request: web.BaseRequest, route: paths.Route, exchange: Exchange
+    ) -> web.StreamResponse:
         if route.kind == "healthz":
             return _json({"status": "ok"})
         if route.kind == "readyz":
@@ -97,6 +130,7 @@ class DataPlane:
         principal = await self._auth.authenticate(
             credential(request.headers), client, self._throttle
         )
+        exchange.principal = principal  # verified: from here on the request is recorded
         policy.check_usable(principal, datetime.now(UTC))
         key = principal.key
         if key.allowed_cidrs is not None:
@@ -113,6 +147,7 @@ class DataPlane:
             response = _json(_me(principal, self._server_names))
             response.headers.update(limit_headers or {})
             return response
+        answer_headers = {"X-Request-Id": exchange.request_id, **(limit_headers or {})}
         transform: TransformFactory | None = None
         body_check = None
         if route.kind == "mcp":
@@ -138,13 +173,14 @@ class DataPlane:
         return await self._forwarder.forward(
             request,
             url,
-            identity=_identity(principal),
+            identity=_identity(principal, exchange.request_id),
             extra_headers=upstream.headers,
             transform=transform,
             body_check=body_check,
             plain_answer=body_check is not None,
             label=route.server if route.kind == "mcp" else "",
-            response_headers=limit_headers,
+            response_headers=answer_headers,
+            observed=exchange,
         )
 
     def _client(self, request: web.BaseRequest) -> str:
@@ -170,11 +206,12 @@ def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
     return for_answer
 
 
-def _identity(principal: Principal) -> tuple[tuple[str, str], ...]:
+def _identity(principal: Principal, request_id: str) -> tuple[tuple[str, str], ...]:
     return (
         ("X-Keystile-User-Id", principal.user.id),
         ("X-Keystile-Key-Id", principal.key.id),
         ("X-Keystile-Workspace-Id", principal.workspace.id),
+        ("X-Request-Id", request_id),
     )
 
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Protocol
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -49,6 +50,13 @@ class BodyStalled(Exception):
 
 class ClientGone(Exception):
     """The client went away while its request body was being read."""
+
+
+class Observed(Protocol):
+    """Where the caller learns what the forwarder read of the request."""
+
+    bytes_in: int
+    body: bytes | None
 
 
 def upstream_timeout() -> ApiError:
@@ -103,8 +111,10 @@ class Forwarder:
         plain_answer: bool = False,
         response_headers: Mapping[str, str] | None = None,
         label: str = "",
+        observed: Observed | None = None,
     ) -> web.StreamResponse:
-        """Forward `request` to `url` (`label`: the configured server, for metrics).
+        """Forward `request` to `url` (`label`: the configured server, for metrics;
+        `observed` learns the request body's size, and the body if it was read whole).
 
         `body_check`, if given, judges a POST body (read whole) before anything goes upstream;
         `transform`, if given, may rewrite the answer's body (see gateway.transform);
@@ -136,6 +146,8 @@ class Forwarder:
                 data = await self._request_body(request, length, limit)
         except ClientGone:
             return _client_gone()
+        if observed is not None and isinstance(data, bytes):
+            observed.body, observed.bytes_in = data, len(data)
         watch = self._watchdog.watch(request)
         try:
             sent = time.monotonic()
@@ -149,6 +161,8 @@ class Forwarder:
                 )
         finally:
             self._watchdog.release(watch)
+            if observed is not None and isinstance(data, LimitedBody):
+                observed.bytes_in = data.received
 
     async def _send(
         self,
@@ -341,6 +355,7 @@ class LimitedBody:
         self._stall = stall
         self._window_need = int(min_rate * stall)
         self.on_complete: Callable[[], None] | None = None
+        self.received = 0  # bytes of the body read so far
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -362,6 +377,7 @@ class LimitedBody:
                     self.on_complete()
                 return
             total += len(chunk)
+            self.received = total
             if total > self._limit:
                 raise BodyTooLarge
             window_bytes += len(chunk)

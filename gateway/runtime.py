@@ -8,6 +8,7 @@ before the pool goes away.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from gateway.keys import KeyHasher
 from gateway.metrics import Metrics
 from gateway.store import Store
 from gateway.throttle import FailureThrottle, KeyRateLimiter
-from gateway.usage import LastUsedRecorder
+from gateway.usage import CallRecorder, LastUsedRecorder
+from gateway.usage_store import RetentionTask, write_calls
 
 
 @dataclass(slots=True)
@@ -44,6 +46,9 @@ class Runtime:
     admin_throttle: FailureThrottle
     # One budget per key across both planes.
     rate_limiter: KeyRateLimiter
+    # Call records (None when usage.record_calls is off) and their retention.
+    calls: CallRecorder | None
+    retention: RetentionTask | None
 
     def refresh_gauges(self) -> None:
         """Gauges that are read off the process rather than counted as things happen."""
@@ -113,6 +118,15 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         interval=settings.usage.flush_interval_seconds,
         max_pending=settings.usage.max_pending,
     )
+    calls = retention = None
+    if settings.usage.record_calls:
+        calls = CallRecorder(
+            functools.partial(write_calls, pool),
+            metrics,
+            interval=settings.usage.flush_interval_seconds,
+            max_pending=settings.usage.max_pending_calls,
+        )
+        retention = RetentionTask(pool, settings.usage.retention_days)
     listener = InvalidationListener(
         str(settings.database.listen_url) or database_url,
         cache,
@@ -132,9 +146,14 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         data_throttle=make_throttle(settings),
         admin_throttle=make_throttle(settings),
         rate_limiter=KeyRateLimiter(),
+        calls=calls,
+        retention=retention,
     )
     await listener.start(wait=settings.database.connect_timeout)
     usage.start()
+    for started in (calls, retention):
+        if started is not None:
+            started.start()
     gauges = asyncio.create_task(_refresh_gauges_every_second(runtime))
     try:
         yield runtime
@@ -142,5 +161,9 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         gauges.cancel()
         await listener.stop()
         await usage.stop()
+        if calls is not None:
+            await calls.stop()  # written before the pool goes away
+        if retention is not None:
+            await retention.stop()
         authenticator.close()
         await pool.close()

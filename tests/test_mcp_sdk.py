@@ -58,7 +58,7 @@ HOP_BY_HOP = frozenset(
         "proxy-connection",
     }
 )
-GATEWAY_OWNED = ("x-keystile-", "x-forwarded-")
+GATEWAY_OWNED = ("x-keystile-", "x-forwarded-", "x-request-id")
 # Framing, and the headers any HTTP server stamps (uvicorn's date/server sit below the ASGI
 # recorder): what may differ between the two sides of the gateway besides the rules above.
 FRAMING = frozenset({"date", "server", "content-length", *HOP_BY_HOP})
@@ -199,20 +199,22 @@ def assert_forwarded_unchanged(
             assert exchange.header("content-length") == sent.headers["content-length"]
         assert exchange.header("host") == f"{LOOPBACK}:{server.port}"
         owned = {k: v for k, v in exchange.request_headers if k.startswith(GATEWAY_OWNED)}
+        answer = answers[sent.headers[SEQ]]
         assert owned == {
             **identity_of(issued),
             "x-forwarded-for": LOOPBACK,
             "x-forwarded-proto": "http",
             "x-forwarded-host": gateway.removeprefix("http://"),
+            # The client sent none: one was made, sent upstream and returned with the answer.
+            "x-request-id": answer.headers["x-request-id"],
         }
 
-        answer = answers[sent.headers[SEQ]]
         assert answer.status_code == exchange.status
         server_sent = Counter((k, v) for k, v in exchange.response_headers if k not in HOP_BY_HOP)
         client_got = Counter((k.lower(), v) for k, v in answer.headers.multi_items())
         assert not server_sent - client_got, "the gateway dropped or changed a response header"
         invented = {k for k, _ in client_got - server_sent}
-        assert invented <= FRAMING, f"the gateway added response headers {invented}"
+        assert invented <= FRAMING | {"x-request-id"}, f"the gateway added headers {invented}"
 
 
 # --- 1. Streamable HTTP, session-based -------------------------------------------------------
