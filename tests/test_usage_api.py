@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import asyncpg
 import pytest
 
 from gateway.calls import CallRecord
@@ -27,6 +28,7 @@ from tests.support import (
     admin_call,
     assert_422,
     assert_error,
+    wait_until,
 )
 
 DIMENSIONS = ["key", "user", "server", "tool", "status", "hour", "day"]
@@ -516,3 +518,57 @@ async def test_parameters_are_checked_before_reach(keystile: Keystile, world: Wo
         keystile, "/api/calls", world.member.key, key_id=world.admin.record.id, limit=0
     )
     assert_422(reply, "limit")
+
+
+# --- end to end: a data-plane request becomes a call record the API shows ---
+
+
+async def test_a_data_plane_call_is_shown_and_its_arguments_are_not_stored(
+    keystile: Keystile, database_url: str
+) -> None:
+    ks = keystile
+    boss = await ks.user("boss@example.com", role="admin", servers=["*"])
+    admin = await ks.key(boss, name="admin", permissions=ADMIN_PERMISSIONS)
+    secret = "hunter2-argument-value"
+    body = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "tools/call",
+        "params": {"name": "search", "arguments": {"query": secret}},
+    }
+    status, _, _ = await ks.request(
+        "POST",
+        "/mcp-connect/github",
+        admin.key,
+        json=body,
+        headers={"X-Request-Id": "e2e-1", "X-Secret-Header": secret},
+    )
+    assert status == 200
+    recorder = ks.runtime.calls
+    assert recorder is not None
+
+    async def written() -> bool:
+        # The record is made as the answer ends, which may be after the client has it.
+        await recorder.flush()
+        found = await ks.runtime.pool.fetchval("SELECT count(*) FROM calls")
+        return bool(found)
+
+    await wait_until(written, message="the call record was never written")
+    page = await get(ks, "/api/calls", admin.key, key_id=admin.record.id)
+    (call,) = [c for c in page.body["calls"] if c["request_id"] == "e2e-1"]
+    assert (call["route"], call["server"], call["mcp_method"], call["tool"], call["status"]) == (
+        "mcp",
+        "github",
+        "tools/call",
+        "search",
+        200,
+    )
+    usage = await get(ks, "/api/usage", admin.key, group_by="tool", key_id=admin.record.id)
+    assert {"tool": "search"}.items() <= usage.body["rows"][0].items()
+    # Neither the arguments nor any header value is anywhere in the stored record.
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetch("SELECT calls::text AS row FROM calls")
+    finally:
+        await conn.close()
+    assert stored and all(secret not in r["row"] for r in stored)
