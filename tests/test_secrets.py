@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import io
+import json
 import logging
 import socket
 from collections.abc import Iterable
@@ -220,11 +221,15 @@ async def run_scenario(ks: Keystile, upstream: Upstream, log: Transcript) -> Non
     await ks.runtime.usage.flush()
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_no_secret_reaches_logs_errors_metrics_or_the_database(
-    database_url: str, upstream: Upstream, caplog: pytest.LogCaptureFixture
+    database_url: str, upstream: Upstream, caplog: pytest.LogCaptureFixture, log_format: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    settings = make_settings(upstream, gateway={"access_log": True, "max_body_bytes": 4096})
+    settings = make_settings(
+        upstream,
+        gateway={"access_log": True, "access_log_format": log_format, "max_body_bytes": 4096},
+    )
     dead = UpstreamSettings(url=f"http://{LOOPBACK}:{closed_port()}/mcp")
     settings = replace(settings, mcp_servers={**settings.mcp_servers, "dead": dead})
     log = Transcript()
@@ -247,7 +252,11 @@ async def test_no_secret_reaches_logs_errors_metrics_or_the_database(
         assert not [k for k in log.keys if k in repr(seen)], seen["path"]
 
     access = access_lines.getvalue().splitlines()
-    assert any('"GET /api/me"' in line for line in access)  # the access log was on
+    if log_format == "json":
+        entries = [json.loads(line) for line in access]  # every line one JSON object
+        assert any(e["path"] == "/api/me" and e["key_id"] for e in entries)
+        access = [json.dumps(e) for e in entries]  # searched below as written, decoded
+    assert any("/api/me" in line for line in access)  # the access log was on
     assert any("/api/me?api_key=REDACTED&page=1" in line for line in access)
     for line in access:
         assert not leaks(line, log), line
