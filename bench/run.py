@@ -256,14 +256,49 @@ class Target:
 
 
 def keystile_config(
-    path: Path, *, gateway: int, admin: int, upstream: int, extra: str = ""
+    path: Path, *, gateway: int, admin: int, upstream: int, extra: str = "", sections: str = ""
 ) -> Path:
+    """`extra`: more [gateway] settings; `sections`: more tables, whole."""
     path.write_text(
         f'[gateway]\nlisten = "127.0.0.1:{gateway}"\n{extra}'
         f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
-        f'[mcp_servers.{SERVER}]\nurl = "http://127.0.0.1:{upstream}/mcp"\n'
+        f'[mcp_servers.{SERVER}]\nurl = "http://127.0.0.1:{upstream}/mcp"\n{sections}'
     )
     return path
+
+
+def buffered_record_bytes(count: int = 20_000) -> float:
+    """Heap held per call record waiting in the write-behind buffer (tracemalloc): a typical
+    record, its ids shared with the cached key as on the request path, its request id its own."""
+    from gateway.calls import CallRecord
+    from gateway.usage import CallBuffer
+
+    ids = (keys.new_id(), keys.new_id(), keys.new_id())
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    buffer = CallBuffer(count, lambda _: None)
+    for n in range(count):
+        buffer.add(
+            CallRecord(
+                time.time(),
+                f"ks-1a2b3c4d-{n:x}",
+                *ids,
+                "mcp",
+                SERVER,
+                "tools/call",
+                "search",
+                200,
+                1.234,
+                203,
+                75,
+                "127.0.0.1",
+            )
+        )
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    return round(grown / count, 1)
 
 
 def tcp_listeners(port: int) -> int:
@@ -412,12 +447,14 @@ class Bench:
         )
         wait_port(self.upstream_port, proc=up)
 
-        for name, extra in (
-            ("keystile", ""),  # the defaults: access log on, metrics on the admin plane
-            ("keystile_no_access_log", "access_log = false\n"),
-            ("keystile_2_workers", ""),
-            ("keystile_scale", ""),
-            ("keystile_uvloop", ""),
+        for name, extra, sections in (
+            # The defaults: access log on, call records on, metrics on the admin plane.
+            ("keystile", "", ""),
+            ("keystile_no_access_log", "access_log = false\n", ""),
+            ("keystile_no_calls", "", "[usage]\nrecord_calls = false\n"),
+            ("keystile_2_workers", "", ""),
+            ("keystile_scale", "", ""),
+            ("keystile_uvloop", "", ""),
         ):
             gw, adm = free_port(), free_port()
             self._gw_ports[name], self.admin_ports[name] = gw, adm
@@ -427,6 +464,7 @@ class Bench:
                 admin=adm,
                 upstream=self.upstream_port,
                 extra=extra,
+                sections=sections,
             )
 
         # An admin key the way an operator gets one: `keystile bootstrap` (runs migrations).
@@ -480,7 +518,7 @@ class Bench:
         self.herd_keys = all_keys[cfg.cold_keys : cfg.cold_keys + cfg.herd_keys]
         self.rss_keys = all_keys[cfg.cold_keys + cfg.herd_keys :]
 
-        more = [("keystile_no_access_log", 1), ("keystile_2_workers", 2)]
+        more = [("keystile_no_access_log", 1), ("keystile_no_calls", 1), ("keystile_2_workers", 2)]
         if cfg.uvloop:
             more.append(("keystile_uvloop", 1))
         for name, workers in more:
@@ -585,8 +623,8 @@ class Bench:
 
     async def throughput(self) -> None:
         cfg = self.cfg
-        order = ["reference", "keystile", "keystile_policy", "keystile_no_access_log"]
-        order += ["keystile_2_workers"]
+        order = ["reference", "keystile", "keystile_policy", "keystile_no_calls"]
+        order += ["keystile_no_access_log", "keystile_2_workers"]
         order += ["keystile_uvloop"] if cfg.uvloop else []
         order += ["nginx"]
         for name in order:  # warm connections, pools and caches; not recorded
@@ -656,6 +694,13 @@ class Bench:
             "target_ratio": TARGET_RATIO,
             "met": ks["cpu_ratio_to_reference"] <= TARGET_RATIO,
             "tool_policy": self._policy_cost(summary, self.results["throughput"]["rounds"]),
+            "call_records": {
+                "cpu_us_per_req_on": ks["cpu_us_per_req"],
+                "cpu_us_per_req_off": summary["keystile_no_calls"]["cpu_us_per_req"],
+                "ratio_to_reference_on": ks["cpu_ratio_to_reference"],
+                "ratio_to_reference_off": summary["keystile_no_calls"]["cpu_ratio_to_reference"],
+                "heap_bytes_per_buffered_record": buffered_record_bytes(),
+            },
             "other_keystile_variants_cpu_ratio_to_reference": {
                 name: entry["cpu_ratio_to_reference"]
                 for name, entry in summary.items()
@@ -1538,6 +1583,16 @@ class Bench:
                 f"{hot['keystile_cpu_us_per_req']} vs {hot['reference_cpu_us_per_req']} us "
                 f"= {hot['ratio_keystile_to_reference']}x",
                 hot["met"],
+            )
+            calls = hot["call_records"]
+            add(
+                "3",
+                "call records on (the default) vs off: CPU us/req, ratio to reference",
+                f"on <= {TARGET_RATIO}x",
+                f"on {calls['cpu_us_per_req_on']} us = {calls['ratio_to_reference_on']}x; "
+                f"off {calls['cpu_us_per_req_off']} us = {calls['ratio_to_reference_off']}x; "
+                f"{calls['heap_bytes_per_buffered_record']} B heap per buffered record",
+                calls["ratio_to_reference_on"] <= TARGET_RATIO,
             )
             policy = hot["tool_policy"]
             add(
