@@ -24,6 +24,7 @@ from admin.service import (
 )
 from gateway.calls import DURATION_BUCKETS_MS
 from gateway.models import ALL_SERVERS, PERMISSIONS
+from gateway.usage_store import MAX_GROUPS
 
 Schema = dict[str, Any]
 
@@ -959,7 +960,8 @@ def _usage_paths() -> dict[str, Schema]:
             "group_by",
             {"type": "string", "pattern": f"^({names})(,({names}))?$"},
             "One or two dimensions, comma-separated: a row per group (key_id, user_id, "
-            "server, tool, status, hour or day). Default: one row for the whole window.",
+            "server, tool, status, hour or day). Default: one row for the whole window. "
+            f"At most {MAX_GROUPS} groups (422 past that: narrow the window or the filters).",
         ),
         *_filter_params(reach),
         _query(

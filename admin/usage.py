@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from admin import validate
-from admin.http import RUNTIME, Caller, authenticate, json_response
+from admin.http import RUNTIME, Caller, authenticate, invalid, json_response
 from admin.service import key_not_found, user_not_found
 from gateway import usage_store
 from gateway.models import iso
@@ -53,7 +53,11 @@ async def get_usage(request: web.Request) -> web.Response:
     group_by = validate.dimensions(params, "group_by", GROUP_BY)
     form = validate.query_choice(params, "format", FORMATS, default="json")
     scope = await _scope(request, caller, _filters(params))
-    rows = await usage_store.usage(request.app[RUNTIME].pool, scope, start, end, group_by)
+    try:
+        rows = await usage_store.usage(request.app[RUNTIME].pool, scope, start, end, group_by)
+    except usage_store.TooManyGroups as exc:
+        message = f"more than {exc.limit} groups; narrow the window, the filters or the grouping"
+        raise invalid("group_by", message) from None
     if form == "csv":
         return _csv([DIMENSIONS[d][0] for d in group_by] + list(METRICS), rows)
     return json_response({"from": iso(start), "to": iso(end), "rows": rows})

@@ -316,6 +316,9 @@ DIMENSIONS: dict[str, tuple[str, str]] = {
     "hour": ("hour", "hour"),
     "day": ("day", "(hour AT TIME ZONE 'UTC')::date"),
 }
+# The most rows one usage answer may have: a grouping like key,hour over a long window of a
+# large workspace would otherwise build an answer of millions of rows.
+MAX_GROUPS = 50_000
 USAGE = """
 SELECT {dimensions}COALESCE(sum(requests), 0)::bigint AS requests,
        COALESCE(sum(errors), 0)::bigint AS errors,
@@ -349,16 +352,28 @@ def _filters(scope: Scope, first: int) -> tuple[str, list[Any]]:
     return "".join(sql), values
 
 
-def usage_sql(scope: Scope, group_by: Sequence[str]) -> tuple[str, list[Any]]:
-    """The statement for these filters and dimensions, and the filter values ($4 on)."""
+def usage_sql(
+    scope: Scope, group_by: Sequence[str], *, max_groups: int = MAX_GROUPS
+) -> tuple[str, list[Any]]:
+    """The statement for these filters and dimensions, and its values from $4 on (the
+    workspace, start and end are $1-$3)."""
     where, values = _filters(scope, 4)
     if not group_by:
         return USAGE.format(dimensions="", buckets=_BUCKET_SUMS, filters=where, grouping=""), values
     selected = "".join(f"{DIMENSIONS[d][1]} AS {DIMENSIONS[d][0]}, " for d in group_by)
     positions = ", ".join(str(n) for n in range(1, len(group_by) + 1))
-    grouping = f"GROUP BY {positions} ORDER BY {positions}"
+    values.append(max_groups + 1)  # one row past the cap tells "too many" from "exactly"
+    grouping = f"GROUP BY {positions} ORDER BY {positions} LIMIT ${len(values) + 3}"
     sql = USAGE.format(dimensions=selected, buckets=_BUCKET_SUMS, filters=where, grouping=grouping)
     return sql, values
+
+
+class TooManyGroups(Exception):
+    """A grouping that would answer more than the allowed number of rows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} groups")
+        self.limit = limit
 
 
 def _json_value(value: Any) -> Any:
@@ -382,12 +397,21 @@ def _usage_row(row: asyncpg.Record, group_by: Sequence[str]) -> dict[str, Any]:
 
 
 async def usage(
-    pool: asyncpg.Pool, scope: Scope, start: datetime, end: datetime, group_by: Sequence[str]
+    pool: asyncpg.Pool,
+    scope: Scope,
+    start: datetime,
+    end: datetime,
+    group_by: Sequence[str],
+    *,
+    max_groups: int = MAX_GROUPS,
 ) -> list[dict[str, Any]]:
     """Roll-up sums over hours in [start, end), one row per group (one row in all without
-    dimensions), ordered by the group fields; p50/p95 estimated from the duration buckets."""
-    sql, values = usage_sql(scope, group_by)
+    dimensions), ordered by the group fields; p50/p95 estimated from the duration buckets.
+    TooManyGroups past `max_groups` rows."""
+    sql, values = usage_sql(scope, group_by, max_groups=max_groups)
     rows = await pool.fetch(sql, scope.workspace_id, start, end, *values)
+    if group_by and len(rows) > max_groups:  # ungrouped: always the one total row
+        raise TooManyGroups(max_groups)
     return [_usage_row(row, group_by) for row in rows]
 
 

@@ -20,7 +20,7 @@ import pytest
 from gateway.calls import CallRecord
 from gateway.keyring import IssuedKey
 from gateway.store import Actor
-from gateway.usage_store import write_calls
+from gateway.usage_store import MAX_GROUPS, write_calls
 from tests.support import (
     ADMIN_PERMISSIONS,
     Keystile,
@@ -510,6 +510,17 @@ async def test_bad_parameters_are_422_naming_them(
     admin = await keystile.key(boss, name="admin", permissions=ADMIN_PERMISSIONS)
     reply = await admin_call(keystile, "GET", f"{route}?{query}", admin.key)
     assert_422(reply, field)
+
+
+async def test_too_many_groups_is_422(keystile: Keystile) -> None:
+    boss = await keystile.user("boss@example.com", role="admin", servers=["*"])
+    admin = await keystile.key(boss, name="admin", permissions=ADMIN_PERMISSIONS)
+    one = records_for(admin, 1, seed=1)[0]
+    many = [CallRecord(**{**_fields(one), "key_id": f"k{n}"}) for n in range(MAX_GROUPS + 1)]
+    await write_calls(keystile.runtime.pool, many)
+    assert_422(await get(keystile, "/api/usage", admin.key, group_by="key", **WINDOW), "group_by")
+    total = await get(keystile, "/api/usage", admin.key, group_by="day", **WINDOW)
+    assert [row["requests"] for row in total.body["rows"]] == [MAX_GROUPS + 1]
 
 
 async def test_parameters_are_checked_before_reach(keystile: Keystile, world: World) -> None:

@@ -32,6 +32,7 @@ from gateway.usage_store import (
     Pruned,
     RetentionTask,
     Scope,
+    TooManyGroups,
     bucket_bounds,
     calls,
     prune,
@@ -283,6 +284,15 @@ async def test_the_window_covers_whole_hours(pool: asyncpg.Pool) -> None:
         "bytes_in": 0,
         "bytes_out": 0,
     }
+
+
+async def test_a_grouping_past_the_cap_is_refused(pool: asyncpg.Pool) -> None:
+    await write_calls(pool, [record(T0 + h * 3600) for h in range(4)])
+    start, end = ts(T0), ts(T0 + 5 * 3600)
+    assert len(await usage(pool, Scope("w1"), start, end, ["hour"], max_groups=4)) == 4
+    with pytest.raises(TooManyGroups):
+        await usage(pool, Scope("w1"), start, end, ["hour"], max_groups=3)
+    assert len(await usage(pool, Scope("w1"), start, end, [], max_groups=0)) == 1
 
 
 def exact_percentile(durations: list[float], fraction: float) -> float:
