@@ -29,6 +29,7 @@ from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import encode_header_value
 from mcp.types import (
     CallToolResult,
     PaginatedRequestParams,
@@ -856,6 +857,40 @@ CASES = [
         "headers agree on a denied call",
         encoded(tool_call("delete_repo")),
         {"Mcp-Method": "tools/call", "Mcp-Name": "delete_repo"},
+        code="-32602",
+    ),
+    # 2026-07-28 clients send a name that is not plain printable ASCII base64-wrapped
+    # ("=?base64?...?="): the header agrees when its decoded value does.
+    Case(
+        "Mcp-Name base64-wrapped, agreeing",
+        encoded(tool_call("search_\u00fcber")),
+        {"Mcp-Method": "tools/call", "Mcp-Name": encode_header_value("search_\u00fcber")},
+        passes=True,
+    ),
+    Case(
+        "Mcp-Name base64-wrapped, agreeing, denied",
+        encoded(tool_call("l\u00f6schen")),
+        {"Mcp-Method": "tools/call", "Mcp-Name": encode_header_value("l\u00f6schen")},
+        code="-32602",
+    ),
+    Case(
+        "Mcp-Name base64-wrapped, disagreeing",
+        encoded(tool_call("l\u00f6schen")),
+        {"Mcp-Method": "tools/call", "Mcp-Name": encode_header_value("search_\u00fcber")},
+        status=400,
+        code="header_mismatch",
+    ),
+    Case(
+        "Mcp-Name not valid base64",
+        encoded(tool_call("search_\u00fcber")),
+        {"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?not*base64?="},
+        status=400,
+        code="header_mismatch",
+    ),
+    Case(
+        "Mcp-Name base64-wrapped plain name",  # what a client never sends, decoded all the same
+        encoded(tool_call("delete_repo")),
+        {"Mcp-Method": "tools/call", "Mcp-Name": "=?base64?ZGVsZXRlX3JlcG8=?="},
         code="-32602",
     ),
     Case("over max_inspect_bytes", BIG, {}, 413, "body_too_large"),

@@ -15,6 +15,8 @@ Checks run in SPEC §6's order: size (413), shape (`invalid_jsonrpc`), header ag
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import unicodedata
@@ -26,6 +28,9 @@ MAX_TOOL_NAME = 256
 _BOM = b"\xef\xbb\xbf"
 # The common tool name: plain ASCII, nothing for Unicode normalisation to change.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-/]+")
+# How a 2026-07-28 client sends a header value that is not plain printable ASCII (a tool
+# name like "búsqueda"): its UTF-8 bytes in base64, wrapped in this sentinel.
+_BASE64_SENTINEL = re.compile(r"=\?base64\?(?P<payload>.*)\?=")
 
 Kind = Literal["request", "notification", "response"]
 
@@ -195,5 +200,22 @@ def _agree(inspection: Inspection, mcp_method: Sequence[str], mcp_name: Sequence
     message = inspection.messages[0]
     if mcp_method and mcp_method[0] != message.method:
         raise mismatch(f"Mcp-Method is {mcp_method[0]!r}, the body's method {message.method!r}")
-    if mcp_name and mcp_name[0] != message.name:
+    if mcp_name and _header_value(mcp_name[0]) != message.name:
         raise mismatch(f"Mcp-Name is {mcp_name[0]!r}, the body names {message.name!r}")
+
+
+def _header_value(value: str) -> str | None:
+    """Mcp-Name as the client meant it: verbatim, or the text of a base64 sentinel, decoded
+    as the MCP SDK's servers decode it (canonical base64 of UTF-8; None, which no body name
+    equals, when it is not). Compared raw, every non-ASCII name would be a mismatch."""
+    match = _BASE64_SENTINEL.fullmatch(value)
+    if match is None:
+        return value
+    payload = match["payload"]
+    try:
+        decoded = base64.b64decode(payload, validate=True)
+        if base64.b64encode(decoded).decode("ascii") != payload:
+            return None  # non-canonical: no encoder emits it
+        return decoded.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
