@@ -379,7 +379,7 @@ async def test_session_transport_enforces_key_patterns(stack: Stack) -> None:
         "error": {"code": DENIED, "message": denial("delete_repo")},
     }
     # The tools/list answer was an event stream on the POST: the server listed everything,
-    # the client got the allowed tools and every other field as the server sent it.
+    # the client got only the allowed tools (above).
     (listing,) = [e for e in stack.github.requests("POST") if b"tools/list" in e.body]
     assert listing.response_header("content-type") == "text/event-stream"
     (sent,) = tool_lists(sse_messages(bytes(listing.response_body)))
