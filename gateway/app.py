@@ -77,7 +77,11 @@ async def data_plane(
         rate_limiter=runtime.rate_limiter,
         tools=ToolGuard(settings.mcp_servers, settings.mcp.max_inspect_bytes),
     )
-    server = web.Server(plane.handle, max_field_size=16384, **_handler_args(settings))
+    # auto_decompress off: a compressed request body is forwarded as it came, with its own
+    # Content-Encoding, never decompressed and passed on still labelled compressed.
+    server = web.Server(
+        plane.handle, max_field_size=16384, auto_decompress=False, **_handler_args(settings)
+    )
     runner = web.ServerRunner(server, shutdown_timeout=gateway.shutdown_timeout)
     await forwarder.open()
     flusher = asyncio.create_task(_flush_access_log_every_second())

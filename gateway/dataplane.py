@@ -196,7 +196,7 @@ class DataPlane:
 
 def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
     def for_answer(status: int, headers: CIMultiDict[str]) -> BodyTransform | None:
-        if not headers.get("Content-Type", "").startswith("text/event-stream"):
+        if not headers.get("Content-Type", "").lower().startswith("text/event-stream"):
             return None
         if headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
             # An endpoint event the gateway cannot read could send the client anywhere.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -203,6 +204,26 @@ async def test_request_body_reaches_upstream(keystile: Keystile, upstream: Upstr
     )
     assert status == 200
     assert body["body"] == '{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
+
+
+async def test_a_compressed_request_body_is_forwarded_as_it_came(
+    keystile: Keystile, upstream: Upstream
+) -> None:
+    issued = await a_key(keystile)
+    original = b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}'
+    compressed = gzip.compress(original)
+    status, _, body = await keystile.request(
+        "POST",
+        "/mcp-connect/github/",
+        issued.key,
+        data=compressed,
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    assert status == 200, body
+    seen = upstream.seen[-1]
+    assert seen["headers"]["content-encoding"] == "gzip"
+    assert seen["headers"]["content-length"] == str(len(compressed))  # the bytes as sent
+    assert body["body"] == original.decode()  # the upstream itself decompressed them
 
 
 async def test_large_chunked_upload_streams_through(keystile: Keystile) -> None:
@@ -441,7 +462,9 @@ async def test_client_leaving_before_the_answer_closes_the_upstream_exchange(
             writer.close()
             async with asyncio.timeout(DEADLINE):
                 await upstream_closed.wait()
-            assert ks.runtime.metrics.count("upstream_errors") == 0  # the client left: not a failure
+            assert (
+                ks.runtime.metrics.count("upstream_errors") == 0
+            )  # the client left: not a failure
     finally:
         server.close()
         await server.wait_closed()
