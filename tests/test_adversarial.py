@@ -225,7 +225,9 @@ async def test_a_repeated_wrong_key_is_verified_once_across_clients(throttled: K
     forged = wrong_secret(victim)
     statuses = {await me(throttled, forged, f"10.1.0.{n}") for n in range(50)}
     assert statuses == {401}  # every address is new, so each gets its answer...
-    assert throttled.runtime.metrics.count("argon2_verifications") == 1  # the negative cache remembers
+    assert (
+        throttled.runtime.metrics.count("argon2_verifications") == 1
+    )  # the negative cache remembers
 
 
 async def test_concurrent_burst_of_wrong_secrets_is_bounded_too(throttled: Keystile) -> None:
@@ -238,7 +240,9 @@ async def test_concurrent_burst_of_wrong_secrets_is_bounded_too(throttled: Keyst
         )
     )
     assert {status for status, _, _ in replies} <= {401, 429}
-    assert throttled.runtime.metrics.count("argon2_verifications") <= THROTTLE["failures_per_key"] + 2
+    assert (
+        throttled.runtime.metrics.count("argon2_verifications") <= THROTTLE["failures_per_key"] + 2
+    )
 
 
 async def test_client_may_try_again_once_the_window_ends(
