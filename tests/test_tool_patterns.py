@@ -203,6 +203,7 @@ def test_tools_within_is_sound(
 ) -> None:
     if not tools_within(proposed, bound):
         return
+
     def allowed_by(patterns: list[str] | None) -> bool:
         return patterns is None or compile_rule(tuple(patterns)).allows(name)
 
