@@ -8,7 +8,6 @@ from typing import Any
 from aiohttp import web
 
 from admin import compat, page, usage, validate
-from admin.discovery import DiscoveryFailed, ToolDiscovery
 from admin.http import (
     RUNTIME,
     TRUSTED,
@@ -23,6 +22,7 @@ from admin.service import KeyAdmin, UserAdmin
 from gateway import policy
 from gateway.errors import ApiError, not_found
 from gateway.headers import TrustedProxies
+from gateway.mcp.discovery import DiscoveryFailed, ToolDiscovery
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.models import ApiKey, User, iso
 from gateway.runtime import Runtime

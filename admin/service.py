@@ -2,7 +2,7 @@
 
 Both the canonical API and the compatibility routes call these; they only translate shapes.
 Rules: a workspace admin manages everything in its workspace; a key with `keys` manages its
-own user's keys, never making one broader than itself (admin.narrowing); nothing outside the
+own user's keys, never making one broader than itself (gateway.narrowing); nothing outside the
 caller's reach is even acknowledged (404, not 403).
 """
 
@@ -14,8 +14,9 @@ from typing import Any
 
 from asyncpg.exceptions import UniqueViolationError
 
-from admin import narrowing, validate
+from admin import validate
 from admin.http import Caller, invalid, reject_unknown
+from gateway import narrowing
 from gateway.errors import ApiError, forbidden, not_found
 from gateway.keyring import IssuedKey, Keyring
 from gateway.models import ALL_SERVERS, ApiKey, User

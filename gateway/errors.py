@@ -46,6 +46,11 @@ def invalid_key(message: str = "The API key is missing, malformed or not valid."
     return ApiError(401, "invalid_api_key", message, headers={"WWW-Authenticate": _BEARER_INVALID})
 
 
+def invalid(field: str, message: str) -> ApiError:
+    """422 naming the offending field: the admin API's, and the grant rule's (gateway.narrowing)."""
+    return ApiError(422, "invalid_request", f"{field}: {message}", field=field)
+
+
 def forbidden(message: str) -> ApiError:
     return ApiError(403, "forbidden", message, headers={"WWW-Authenticate": _BEARER_SCOPE})
 

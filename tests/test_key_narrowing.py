@@ -1,4 +1,4 @@
-"""A key never creates, changes or rotates a key into one broader than itself (admin.narrowing).
+"""A key never creates, changes or rotates a key into one broader than itself (gateway.narrowing).
 
 First the rule alone, table by table, without HTTP; then through the admin API: a member key
 an admin limited (one server, some permissions, an expiry, an allow-list, a rate limit) tries
@@ -15,11 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from admin import narrowing
-from admin.narrowing import Reach
+from gateway import narrowing
 from gateway.errors import ApiError
 from gateway.keyring import IssuedKey
 from gateway.models import ApiKey, User
+from gateway.narrowing import Reach
 from tests.support import NO_BODY, Keystile, Reply, assert_422, make_admin
 from tests.support import admin_call as call
 

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from admin.narrowing import tools_within
 from gateway.mcp.inspect import InspectError, inspect
 from gateway.mcp.listing import JsonListFilter, SseListFilter, filter_message
 from gateway.mcp.patterns import (
@@ -23,6 +22,7 @@ from gateway.mcp.patterns import (
     effective_patterns,
     policy_for,
 )
+from gateway.narrowing import tools_within
 from gateway.transform import StreamRefused
 
 SERVERS = frozenset({"github", "gitlab", "docs"})

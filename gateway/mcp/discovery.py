@@ -1,11 +1,12 @@
 """Which tools a server offers, asked with the official MCP SDK client.
 
-The admin page offers a server's tools as checkboxes; this is where they come from. The
-server is asked the way a client would ask it, with its configured upstream headers: Streamable
-HTTP at its url first, then the legacy HTTP+SSE transport (at its url, then at `<url>/sse`).
-Answers are kept 60 s, concurrent askers of one server share one discovery, and a discovery is
-bounded by `mcp.discovery_timeout_seconds`: the admin plane shares its event loop with the data
-plane, and everything here awaits, so the data plane is never held up by a slow server.
+The admin page offers a server's tools as checkboxes, and so does the OAuth consent page
+(gateway.oauth); this is where they come from. The server is asked the way a client would ask
+it, with its configured upstream headers: Streamable HTTP at its url first, then the legacy
+HTTP+SSE transport (at its url, then at `<url>/sse`). Answers are kept 60 s, concurrent askers
+of one server share one discovery, and a discovery is bounded by
+`mcp.discovery_timeout_seconds`: both planes share one event loop, and everything here awaits,
+so the data plane is never held up by a slow server.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 A key with `keys` manages its own user's keys (SPEC §5), but an admin may have limited that
 key: to some servers, some permissions, an expiry, an address allow-list, a rate limit. Without
 this rule such a key could mint (or reshape) a key without those limits and use that one
-instead. The same rule bounds OAuth grants (§9). Admin keys are not bound by it; the admin
-service decides who is. `valid_from` is no bound: starting later never lets a key do more.
+instead. The same rule bounds OAuth grants (§9): the key that approves a grant is its bound
+(gateway.oauth). Admin keys are not bound by it when they manage keys; the admin service
+decides who is. `valid_from` is no bound: starting later never lets a key do more.
 
 One predicate per bounded field says whether a proposed value lies within a bound; the checks
 for create, update and rotate are built on that table and nothing else. Everything here is
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from admin.http import invalid
-from gateway.errors import ApiError
+from gateway.errors import ApiError, invalid
 from gateway.mcp.patterns import compile_rule
 from gateway.models import ALL_SERVERS, ApiKey, iso
 
