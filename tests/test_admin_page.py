@@ -191,6 +191,10 @@ async def data_plane_status(ks: Keystile, key: str, want: int, *, within: float 
         await asyncio.sleep(0.05)
 
 
+def key_filter(page: Page, label: str) -> Locator:
+    return page.get_by_role("form", name="Filter keys").get_by_label(label, exact=True)
+
+
 async def signed_in_as_admin(ui: Ui) -> tuple[User, str]:
     boss, key = await admin_key(ui.ks)
     await ui.open()
@@ -324,7 +328,7 @@ async def test_create_a_key_copy_it_and_use_it(ui: Ui) -> None:
     await expect(ui.cell(row, "Servers")).to_contain_text("1 server")
     await expect(ui.cell(row, "Servers").locator("[title]")).to_have_attribute("title", "github")
     await expect(ui.cell(row, "Permissions")).to_have_text("mcp, chat")
-    await expect(ui.cell(row, "Last used")).to_have_text("Never")
+    await expect(ui.cell(row, "Last used").locator(".when")).to_have_text("Never")
     await expect(ui.cell(row, "Expires")).not_to_have_text("Never")
     await expect(ui.cell(row, "Key")).to_have_text(key[: key.rindex("-") + 5] + "…")
     first = page.locator("#keys-table tbody tr").first
@@ -540,7 +544,7 @@ async def test_admin_manages_users(ui: Ui) -> None:
 
     # Her keys, from her row: the key list filtered to her.
     await ui.button("Keys grace@example.com").click()
-    await expect(page.get_by_label("User", exact=True)).to_have_value(grace.id)
+    await expect(key_filter(page, "User")).to_have_value(grace.id)
     await expect(page.locator("#keys-table tbody tr")).to_have_count(1)
     await expect(ui.row("grace's key")).to_be_visible()
     await page.set_viewport_size(NARROW)
@@ -564,7 +568,7 @@ async def test_a_member_sees_only_their_own_keys(ui: Ui) -> None:
     await expect(page.get_by_role("columnheader", name="User")).to_have_count(0)
     await expect(page.get_by_role("tab", name="Users")).to_be_hidden()
     await expect(page.locator("#users-panel")).to_be_hidden()
-    await expect(page.get_by_label("User", exact=True)).to_be_hidden()
+    await expect(key_filter(page, "User")).to_be_hidden()
     await ui.shot("17-member-keys")
 
     # The create dialog: no admin permission, and servers the member lacks are marked.

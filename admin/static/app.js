@@ -38,8 +38,10 @@
     }
   }
 
-  async function request(key, method, path, body) {
-    const headers = { Accept: "application/json", Authorization: `Bearer ${key}` };
+  // One call with the key: the Response when it is a success, else a Problem carrying the
+  // API's own message (and the field it names).
+  async function send(key, method, path, body, accept = "application/json") {
+    const headers = { Accept: accept, Authorization: `Bearer ${key}` };
     const init = { method, headers, cache: "no-store", credentials: "omit" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -51,31 +53,42 @@
     } catch {
       throw new Problem("Keystile's admin API could not be reached. Try again in a moment.");
     }
-    const text = await response.text();
-    let data = null;
-    try {
-      data = text ? JSON.parse(text) : null;
-    } catch {
-      data = null;
-    }
-    if (!response.ok) {
-      const message = data && typeof data.message === "string"
-        ? data.message
-        : `The admin API answered ${response.status}.`;
-      throw new Problem(message, response.status, (data && data.field) || "");
-    }
-    return data;
+    if (response.ok) return response;
+    const data = parseJson(await response.text());
+    const message = data && typeof data.message === "string"
+      ? data.message
+      : `The admin API answered ${response.status}.`;
+    throw new Problem(message, response.status, (data && data.field) || "");
   }
 
-  // An API call with the session's key; a 401 means the key stopped working: sign out.
-  async function api(method, path, body) {
+  function parseJson(text) {
     try {
-      return await request(state.key, method, path, body);
+      return text ? JSON.parse(text) : null;
+    } catch {
+      return null;
+    }
+  }
+
+  async function request(key, method, path, body) {
+    const response = await send(key, method, path, body);
+    return parseJson(await response.text());
+  }
+
+  // A call with the session's key; a 401 means the key stopped working: sign out.
+  async function withSession(call) {
+    try {
+      return await call(state.key);
     } catch (err) {
       if (err.status === 401) signOut(`You were signed out: ${err.message}`);
       throw err;
     }
   }
+
+  const api = (method, path, body) => withSession((key) => request(key, method, path, body));
+
+  // A file from the API (CSV), as a Blob: fetched with the key header, which a link cannot send.
+  const apiFile = (path, accept) =>
+    withSession(async (key) => (await send(key, "GET", path, undefined, accept)).blob());
 
   const keyPath = (key, action = "") =>
     `api/keys/${encodeURIComponent(key.id)}${action ? `/${action}` : ""}`;
@@ -272,7 +285,7 @@
     refocus.delete(event.target);
     if (!lost || !state.key) return;
     if (target) target();
-    else ($("users-panel").hidden ? $("keys-title") : $("users-title")).focus();
+    else panelTitle().focus();
   }
 
   // --- server pickers: "All servers" or a list of names (keys and user grants share it) ---
@@ -546,6 +559,7 @@
     userTools.reset(null);
     discoveries.clear();
     setOptions($("filter-user"), [["", "All users"]], "");
+    resetUsage();
     $("app-view").hidden = true;
     $("session").hidden = true;
     $("sign-in-view").hidden = false;
@@ -562,7 +576,8 @@
     $("session").hidden = false;
     const who = state.email || "your key";
     $("whoami").textContent = `Signed in as ${who}${state.admin ? " (admin)" : ""}`;
-    $("tabs").hidden = !state.admin;
+    $("tabs").hidden = false;
+    $("tab-users").hidden = !state.admin;
     $("filter-user-field").hidden = !state.admin;
     $("keys-title").textContent = state.admin ? "API keys" : "Your API keys";
     $("keys-lead").textContent = state.admin
@@ -623,7 +638,7 @@
       ["Tools", (k) => toolsCell(k.tools)],
       ["Permissions", (k) => k.permissions.join(", ") || "—"],
       ["Created", (k) => dateCell(k.created_at)],
-      ["Last used", (k) => (k.last_used_at ? lastUsedCell(k.last_used_at) : "Never")],
+      ["Last used", lastUsedCell],
       ["Expires", (k) => (k.expires_at ? dateCell(k.expires_at) : "Never")],
       ["Status", (k) => badge(k.status)],
       ["Actions", keyActions],
@@ -631,7 +646,25 @@
     return state.admin ? columns : columns.filter(([label]) => label !== "User");
   }
 
-  const lastUsedCell = (iso) => timeCell(iso, relativeTime(iso));
+  // When the key was last used, and a link to its usage (revoked keys' usage stays).
+  function lastUsedCell(key) {
+    const when = el(
+      "span",
+      { class: "when" },
+      key.last_used_at ? timeCell(key.last_used_at, relativeTime(key.last_used_at)) : "Never",
+    );
+    const link = el("a", {
+      href: "#usage",
+      class: "usage-link",
+      "data-action": "usage",
+      "aria-label": `Usage of ${key.name}`,
+      onclick: (event) => {
+        event.preventDefault();
+        openUsage({ keyId: key.id }).then(() => $("usage-title").focus());
+      },
+    }, "Usage");
+    return el("div", { class: "last-used" }, when, link);
+  }
 
   function nameCell(key) {
     const mine = key.id === state.keyId
@@ -1160,7 +1193,548 @@
     });
   }
 
+  // --- usage (SPEC §7): requests per day or hour, top tools and keys, recent calls ---
+
+  const HOUR_MS = 3600000;
+  const TOP_ROWS = 10;
+  const CALLS_PAGE = 50;
+  // The window: whole UTC days (today counts as one) or whole UTC hours (this one counts).
+  const WINDOWS = {
+    "24h": { unit: "hour", step: HOUR_MS, count: 24, text: "the last 24 hours" },
+    "7d": { unit: "day", step: DAY_MS, count: 7, text: "the last 7 days" },
+    "30d": { unit: "day", step: DAY_MS, count: 30, text: "the last 30 days" },
+  };
+  const SVG_NS = document.getElementById("usage-chart").namespaceURI; // no URL in this file
+
+  const usage = {
+    keys: [], // every key in reach, revoked ones too (their usage stays): names and the filter
+    tools: new Set(), // tool names seen in answers, for the tool filter
+    chart: null, // {buckets, unit, width}: what the chart shows, redrawn when its width changes
+    callsBefore: null, // next_before of the last page of calls
+    serial: 0, // the latest load; answers of older loads are dropped
+    redraw: false,
+  };
+
+  const countFormat = new Intl.NumberFormat();
+  const msFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+  const percentFormat = new Intl.NumberFormat(undefined, {
+    style: "percent",
+    maximumFractionDigits: 1,
+  });
+  const dayLabel = new Intl.DateTimeFormat(undefined, {
+    month: "short",
+    day: "numeric",
+    timeZone: "UTC",
+  });
+  const dayLong = new Intl.DateTimeFormat(undefined, {
+    weekday: "short",
+    month: "short",
+    day: "numeric",
+    year: "numeric",
+    timeZone: "UTC",
+  });
+  const hourLabel = new Intl.DateTimeFormat(undefined, {
+    hour: "2-digit",
+    minute: "2-digit",
+    hourCycle: "h23",
+    timeZone: "UTC",
+  });
+  const hourLong = new Intl.DateTimeFormat(undefined, {
+    month: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+    hourCycle: "h23",
+    timeZone: "UTC",
+  });
+  const callTimeFormat = new Intl.DateTimeFormat(undefined, {
+    month: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+    second: "2-digit",
+  });
+
+  const msText = (ms) => (ms === null || ms === undefined ? "—" : msFormat.format(ms));
+  const plural = (n, noun) => `${countFormat.format(n)} ${noun}${n === 1 ? "" : "s"}`;
+
+  function usageWindow() {
+    return WINDOWS[$("usage-window").value] || WINDOWS["7d"];
+  }
+
+  function windowStart(choice) {
+    const now = Date.now();
+    return Math.floor(now / choice.step) * choice.step - (choice.count - 1) * choice.step;
+  }
+
+  // The filters chosen, as API parameters (the same names on /api/usage and /api/calls).
+  function usageFilters() {
+    const filters = {};
+    const fields = [
+      ["user_id", "usage-user"],
+      ["key_id", "usage-key"],
+      ["server", "usage-server"],
+      ["tool", "usage-tool"],
+    ];
+    for (const [name, id] of fields) {
+      if ($(id).value) filters[name] = $(id).value;
+    }
+    return filters;
+  }
+
+  const usagePath = (route, params) => `api/${route}?${new URLSearchParams(params)}`;
+
+  function usageParams(extra = {}) {
+    const from = new Date(windowStart(usageWindow())).toISOString();
+    return { from, ...usageFilters(), ...extra };
+  }
+
+  // --- the key and filter lists ---
+
+  async function loadUsageKeys() {
+    const everyone = state.admin ? "all=true&" : "";
+    const [live, revoked] = await Promise.all([
+      api("GET", `api/keys?${everyone}`),
+      api("GET", `api/keys?${everyone}status=revoked`),
+    ]);
+    usage.keys = [...live, ...revoked].sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  function usageKey(keyId) {
+    return usage.keys.find((k) => k.id === keyId);
+  }
+
+  function keyOptionLabel(key) {
+    const owner = state.admin && key.user ? ` · ${key.user.email}` : "";
+    return `${key.name}${owner}${key.status === "revoked" ? " (revoked)" : ""}`;
+  }
+
+  // The key filter lists the keys of the user picked (admins), or every key in reach.
+  function fillUsageKeys() {
+    const user = $("usage-user").value;
+    const keys = usage.keys.filter((k) => !user || k.user_id === user);
+    const select = $("usage-key");
+    const current = select.value;
+    const options = [["", "All keys"], ...keys.map((k) => [k.id, keyOptionLabel(k)])];
+    setOptions(select, options, options.some(([v]) => v === current) ? current : "");
+  }
+
+  function fillUsageTools() {
+    const select = $("usage-tool");
+    const current = select.value;
+    if (current) usage.tools.add(current);
+    const names = [...usage.tools].sort((a, b) => a.localeCompare(b));
+    setOptions(select, [["", "All tools"], ...names.map((n) => [n, n])], current);
+  }
+
+  function fillUsageFilters() {
+    $("usage-user-field").hidden = !state.admin;
+    const user = $("usage-user");
+    const users = [["", "All users"], ...state.users.map((u) => [u.id, u.email])];
+    setOptions(user, users, users.some(([v]) => v === user.value) ? user.value : "");
+    const server = $("usage-server");
+    const servers = [["", "All servers"], ...state.servers.map((s) => [s.name, s.name])];
+    setOptions(server, servers, servers.some(([v]) => v === server.value) ? server.value : "");
+    fillUsageKeys();
+    fillUsageTools();
+  }
+
+  // Opens the view; `keyId` narrows it to one key (the keys table's "Usage" links).
+  async function openUsage({ keyId = "" } = {}) {
+    notify("");
+    selectTab("usage");
+    $("usage-lead").textContent = state.admin
+      ? "Requests made with the workspace's keys on the data plane: MCP servers, chat and " +
+        "/api/me. Days and hours are UTC."
+      : "Requests made with your keys on the data plane: MCP servers, chat and /api/me. " +
+        "Days and hours are UTC.";
+    await reloadUsage(async () => {
+      await loadUsageKeys();
+      if (keyId) {
+        $("usage-user").value = "";
+        $("usage-server").value = "";
+        $("usage-tool").value = "";
+      }
+      fillUsageFilters();
+      if (keyId) $("usage-key").value = keyId;
+    });
+  }
+
+  // --- loading ---
+
+  // Loads the view again for the filters chosen (after `prepare`, when given); the panel is
+  // aria-busy meanwhile.
+  async function reloadUsage(prepare) {
+    const serial = ++usage.serial;
+    const panel = $("usage-panel");
+    panel.setAttribute("aria-busy", "true");
+    $("usage-status").textContent = "Loading usage…";
+    try {
+      if (typeof prepare === "function") await prepare();
+      if (serial !== usage.serial) return;
+      await loadUsage(serial);
+    } catch (err) {
+      if (serial !== usage.serial || !state.key) return;
+      $("usage-status").textContent = "";
+      $("usage-content").hidden = true;
+      $("usage-empty").hidden = true;
+      $("usage-calls").hidden = true;
+      showError(err);
+    } finally {
+      if (serial === usage.serial) panel.removeAttribute("aria-busy");
+    }
+  }
+
+  async function loadUsage(serial) {
+    const choice = usageWindow();
+    const [totals, series, tools, keys, calls] = await Promise.all([
+      api("GET", usagePath("usage", usageParams())),
+      api("GET", usagePath("usage", usageParams({ group_by: choice.unit }))),
+      api("GET", usagePath("usage", usageParams({ group_by: "server,tool" }))),
+      api("GET", usagePath("usage", usageParams({ group_by: "key" }))),
+      api("GET", usagePath("calls", { ...usageFilters(), limit: CALLS_PAGE })),
+    ]);
+    if (serial !== usage.serial) return; // a newer choice is on its way
+    $("page-error").textContent = "";
+    for (const row of tools.rows) if (row.tool !== null) usage.tools.add(row.tool);
+    fillUsageTools();
+    const total = totals.rows[0] || { requests: 0, errors: 0, p50_ms: null, p95_ms: null };
+    $("usage-status").textContent = windowText(series, choice);
+    renderUsageEmpty(total.requests === 0, choice);
+    renderTotals(total);
+    renderSeries(series, choice);
+    renderTopTools(tools.rows);
+    renderTopKeys(keys.rows);
+    renderCalls(calls, { append: false });
+  }
+
+  // The window as the API answered it: from its first hour to the end of its last one.
+  function windowText(answer, choice) {
+    const from = Date.parse(answer.from);
+    const to = Date.parse(answer.to);
+    if (choice.unit === "hour") {
+      return `Usage in ${choice.text}: ${hourLong.format(from)} to ${hourLong.format(to)} UTC.`;
+    }
+    return `Usage in ${choice.text}: ${dayLong.format(from)} to ${dayLong.format(to - 1)} ` +
+      "(UTC days).";
+  }
+
+  function renderUsageEmpty(empty, choice) {
+    $("usage-empty").hidden = !empty;
+    $("usage-content").hidden = empty;
+    if (!empty) return;
+    const filtered = Object.keys(usageFilters()).length > 0;
+    const whose = state.admin ? "the workspace's keys" : "your keys";
+    $("usage-empty-title").textContent = filtered
+      ? `No usage matches these filters in ${choice.text}.`
+      : `No usage in ${choice.text} yet.`;
+    $("usage-empty-text").textContent = filtered
+      ? "Pick “All …” in a filter above, or a longer window."
+      : `Requests made with ${whose} to MCP servers or the chat API show up here a few ` +
+        "seconds after they are made.";
+  }
+
+  function renderTotals(total) {
+    const rate = total.requests ? ` (${percentFormat.format(total.errors / total.requests)})` : "";
+    const stat = (label, value, note = "") =>
+      el("div", { class: "stat" }, el("dt", {}, label),
+        el("dd", {}, value, note ? el("span", { class: "stat-note" }, note) : null));
+    $("usage-totals").replaceChildren(
+      stat("Requests", countFormat.format(total.requests)),
+      stat("Errors", countFormat.format(total.errors), rate),
+      stat("Median duration", msText(total.p50_ms), total.p50_ms === null ? "" : " ms"),
+      stat("95th percentile", msText(total.p95_ms), total.p95_ms === null ? "" : " ms"),
+    );
+  }
+
+  // --- the chart: one group per day (or hour), OK stacked under errors, as inline SVG ---
+
+  // Every bucket of the window, those without requests included.
+  function buckets(answer, choice) {
+    const counts = new Map();
+    for (const row of answer.rows) {
+      const at = choice.unit === "day" ? Date.parse(`${row.day}T00:00:00Z`) : Date.parse(row.hour);
+      counts.set(at, row);
+    }
+    const list = [];
+    const end = Date.parse(answer.to);
+    for (let at = Date.parse(answer.from); at < end; at += choice.step) {
+      const row = counts.get(at) || { requests: 0, errors: 0 };
+      const id = new Date(at).toISOString();
+      list.push({
+        at,
+        id: choice.unit === "day" ? id.slice(0, 10) : id.replace(".000Z", "Z"),
+        requests: row.requests,
+        errors: row.errors,
+        label: (choice.unit === "day" ? dayLabel : hourLabel).format(at),
+        long: choice.unit === "day" ? dayLong.format(at) : `${hourLong.format(at)} UTC`,
+      });
+    }
+    return list;
+  }
+
+  function renderSeries(answer, choice) {
+    const list = buckets(answer, choice);
+    const per = choice.unit === "day" ? "day" : "hour";
+    $("usage-chart-title").textContent = `Requests per ${per}`;
+    $("usage-chart-name").textContent = `Requests per ${per}, ${choice.text}`;
+    $("usage-chart-desc").textContent = chartSummary(list, choice);
+    $("usage-series-summary").textContent = `Requests per ${per} as a table`;
+    $("usage-series-unit").textContent = choice.unit === "day" ? "Day (UTC)" : "Hour (UTC)";
+    $("usage-series-caption").textContent = `Requests per ${per}, ${choice.text}`;
+    const num = (n) => el("td", { class: "num" }, countFormat.format(n));
+    $("usage-series-table").tBodies[0].replaceChildren(
+      ...list.map((b) =>
+        el("tr", {}, el("th", { scope: "row" }, b.long), num(b.requests),
+          num(b.requests - b.errors), num(b.errors)),
+      ),
+    );
+    usage.chart = { buckets: list, unit: choice.unit, width: 0 };
+    drawChart();
+  }
+
+  function chartSummary(list, choice) {
+    const requests = list.reduce((sum, b) => sum + b.requests, 0);
+    const errors = list.reduce((sum, b) => sum + b.errors, 0);
+    const busiest = list.reduce((best, b) => (b.requests > best.requests ? b : best), list[0]);
+    const unit = choice.unit === "day" ? "day" : "hour";
+    return `${plural(requests, "request")} in ${choice.text}, ${plural(errors, "error")}. ` +
+      `Busiest ${unit}: ${busiest.long}, ${plural(busiest.requests, "request")}. ` +
+      `Every ${unit} is in the table after the chart.`;
+  }
+
+  function svg(tag, attrs = {}, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+    node.append(...children.filter((c) => c !== null && c !== undefined));
+    return node;
+  }
+
+  // A round top for the axis, and its step: 1, 2 or 5 times a power of ten, about 4 lines.
+  function axisScale(max) {
+    const raw = Math.max(1, max / 4);
+    const power = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw);
+    return { step, top: Math.max(step, step * Math.ceil(max / step)) };
+  }
+
+  const chartWidth = () => Math.round($("usage-chart-box").clientWidth);
+
+  // Drawn in the box's own pixels (the viewBox is its width), so text stays 12 px at any size;
+  // the SVG also scales with its viewBox until the next draw.
+  function drawChart() {
+    const chart = usage.chart;
+    if (!chart) return;
+    const width = Math.max(chartWidth() || 640, 240);
+    chart.width = width;
+    const height = width < 560 ? 200 : 240;
+    const { step, top } = axisScale(Math.max(...chart.buckets.map((b) => b.requests)));
+    const left = 14 + 7 * countFormat.format(top).length;
+    const box = { left, right: width - 6, top: 10, bottom: height - 26 };
+    const plot = box.bottom - box.top;
+    const y = (value) => box.bottom - (value / top) * plot;
+    const parts = [];
+    for (let value = 0; value <= top; value += step) {
+      parts.push(
+        svg("line", { class: value ? "grid" : "axis", x1: left, x2: box.right, y1: y(value),
+          y2: y(value) }),
+        svg("text", { class: "tick", x: left - 6, y: y(value) + 4, "text-anchor": "end" },
+          countFormat.format(value)),
+      );
+    }
+    const band = (box.right - left) / chart.buckets.length;
+    const barWidth = Math.max(1, Math.min(band * 0.7, 48));
+    const every = Math.max(1, Math.ceil((chart.unit === "day" ? 52 : 42) / band));
+    chart.buckets.forEach((bucket, index) => {
+      const x = left + index * band + (band - barWidth) / 2;
+      const ok = ((bucket.requests - bucket.errors) / top) * plot;
+      const bad = (bucket.errors / top) * plot;
+      const labelled = (chart.buckets.length - 1 - index) % every === 0;
+      parts.push(
+        svg(
+          "g",
+          { class: "bar", "data-bucket": bucket.id, "data-requests": bucket.requests,
+            "data-errors": bucket.errors },
+          svg("title", {}, `${bucket.long}: ${plural(bucket.requests, "request")}, ` +
+            plural(bucket.errors, "error")),
+          svg("rect", { class: "bar-ok", x, y: box.bottom - ok, width: barWidth, height: ok }),
+          svg("rect", { class: "bar-error", x, y: box.bottom - ok - bad, width: barWidth,
+            height: bad }),
+          labelled
+            ? svg("text", { class: "label", x: x + barWidth / 2, y: height - 8,
+              "text-anchor": "middle" }, bucket.label)
+            : null,
+        ),
+      );
+    });
+    const node = $("usage-chart");
+    node.setAttribute("viewBox", `0 0 ${width} ${height}`);
+    node.replaceChildren($("usage-chart-name"), $("usage-chart-desc"), ...parts);
+  }
+
+  // Redraws once per frame at most, after the box changed width (never inside the observer).
+  function onChartResize() {
+    if (!usage.chart || usage.redraw) return;
+    usage.redraw = true;
+    requestAnimationFrame(() => {
+      usage.redraw = false;
+      const width = chartWidth();
+      if (usage.chart && width > 0 && width !== usage.chart.width) drawChart();
+    });
+  }
+
+  // --- top tools and top keys ---
+
+  const byRequests = (a, b) => b.requests - a.requests || b.errors - a.errors;
+
+  function metricCells(row) {
+    const num = (text) => el("td", { class: "num" }, text);
+    return [
+      num(countFormat.format(row.requests)),
+      num(countFormat.format(row.errors)),
+      num(msText(row.p50_ms)),
+      num(msText(row.p95_ms)),
+    ];
+  }
+
+  function renderTopTools(rows) {
+    const top = rows.filter((r) => r.tool !== null).sort(byRequests).slice(0, TOP_ROWS);
+    $("usage-tools-table").tBodies[0].replaceChildren(
+      ...top.map((row) => {
+        const server = row.server ? el("span", { class: "session-key" }, row.server) : null;
+        const name = el("td", {}, el("span", { class: "key-name" }, row.tool), server);
+        return el("tr", { "data-tool": row.tool }, name, ...metricCells(row));
+      }),
+    );
+    $("usage-tools-table").parentElement.hidden = top.length === 0;
+    $("usage-tools-none").hidden = top.length > 0;
+  }
+
+  function renderTopKeys(rows) {
+    const top = [...rows].sort(byRequests).slice(0, TOP_ROWS);
+    $("usage-keys-table").tBodies[0].replaceChildren(
+      ...top.map((row) => el("tr", { "data-key-id": row.key_id }, usageKeyCell(row.key_id),
+        ...metricCells(row))),
+    );
+  }
+
+  function usageKeyCell(keyId) {
+    const key = usageKey(keyId);
+    if (!key) return el("td", {}, el("code", { class: "prefix" }, keyId));
+    const notes = [
+      key.status === "revoked" ? "revoked" : "",
+      state.admin && key.user ? key.user.email : "",
+    ].filter(Boolean);
+    const note = notes.length
+      ? el("span", { class: "session-key" }, emailText(notes.join(" · ")))
+      : null;
+    return el("td", {}, el("span", { class: "key-name" }, key.name), note);
+  }
+
+  // --- recent calls ---
+
+  function renderCalls(page, { append }) {
+    const rows = page.calls.map(callRow);
+    const body = $("usage-calls-table").tBodies[0];
+    if (append) body.append(...rows);
+    else body.replaceChildren(...rows);
+    usage.callsBefore = page.next_before;
+    $("usage-calls-more").hidden = page.next_before === null;
+    $("usage-calls").hidden = body.rows.length === 0;
+  }
+
+  function callRow(call) {
+    const key = usageKey(call.key_id);
+    const status = el("span", { class: `badge badge-${call.status >= 400 ? "error" : "ok"}` },
+      String(call.status));
+    const none = () => el("span", { class: "muted none" }, "—");
+    const cells = [
+      ["Time", timeCell(call.time, callTimeFormat.format(new Date(call.time)))],
+      ["Key", key ? key.name : el("code", { class: "prefix" }, call.key_id)],
+      ["Server", call.server || el("span", { class: "muted" }, call.route)],
+      ["Method", call.mcp_method ? el("code", {}, call.mcp_method) : none()],
+      ["Tool", call.tool || none()],
+      ["Status", status],
+      ["Duration", `${msText(call.duration_ms)} ms`],
+    ];
+    return tableRow({ "data-call-id": call.id }, cells);
+  }
+
+  // The button stays enabled (a disabled one would drop the keyboard focus); a second press
+  // while a page is on its way does nothing.
+  async function loadMoreCalls() {
+    const serial = usage.serial;
+    const button = $("usage-calls-more");
+    if (button.getAttribute("aria-busy") === "true") return;
+    button.setAttribute("aria-busy", "true");
+    try {
+      const params = { ...usageFilters(), limit: CALLS_PAGE, before: usage.callsBefore };
+      const page = await api("GET", usagePath("calls", params));
+      if (serial !== usage.serial) return;
+      const first = page.calls.length ? page.calls[0].id : null;
+      renderCalls(page, { append: true });
+      // Focus stays near: on "Load more", or on the first new row's time once it is gone.
+      const row = first === null ? null : $("usage-calls-table").querySelector(
+        `tr[data-call-id="${first}"] time`);
+      if (button.hidden && row) {
+        row.tabIndex = -1;
+        row.focus();
+      }
+    } catch (err) {
+      if (state.key) showError(err);
+    } finally {
+      button.removeAttribute("aria-busy");
+    }
+  }
+
+  // --- CSV: the chart's rows with the filters chosen, fetched with the key, saved from a Blob ---
+
+  async function downloadUsageCsv() {
+    const button = $("usage-csv");
+    const choice = usageWindow();
+    button.disabled = true;
+    try {
+      const path = usagePath("usage", usageParams({ group_by: choice.unit, format: "csv" }));
+      const blob = await apiFile(path, "text/csv");
+      const day = new Date(windowStart(choice)).toISOString().slice(0, 10);
+      const name = `keystile-usage-${day}-per-${choice.unit}.csv`;
+      const link = el("a", { href: URL.createObjectURL(blob), download: name, hidden: true });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+      notify(`Downloaded ${name}.`);
+    } catch (err) {
+      if (state.key) showError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function resetUsage() {
+    Object.assign(usage, { keys: [], chart: null, callsBefore: null });
+    usage.tools.clear();
+    usage.serial += 1;
+    $("usage-chart").replaceChildren($("usage-chart-name"), $("usage-chart-desc"));
+    $("usage-chart-desc").textContent = "";
+    $("usage-totals").replaceChildren();
+    for (const id of ["usage-user", "usage-key", "usage-server", "usage-tool"]) {
+      $(id).replaceChildren();
+    }
+    $("usage-window").value = "7d";
+    $("usage-status").textContent = "";
+    $("usage-content").hidden = true;
+    $("usage-empty").hidden = true;
+    $("usage-calls").hidden = true;
+  }
+
   // --- tabs ---
+
+  // The heading of the panel on screen: where focus goes when its target is gone.
+  function panelTitle() {
+    const panel = [...document.querySelectorAll('[role="tabpanel"]')].find((p) => !p.hidden);
+    return panel ? panel.querySelector("h1") : $("keys-title");
+  }
 
   function selectTab(name) {
     for (const tab of $("tabs").querySelectorAll('[role="tab"]')) {
@@ -1173,7 +1747,7 @@
 
   function onTabKey(event) {
     if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
-    const tabs = [...$("tabs").querySelectorAll('[role="tab"]')];
+    const tabs = [...$("tabs").querySelectorAll('[role="tab"]')].filter((tab) => !tab.hidden);
     const step = event.key === "ArrowRight" ? 1 : -1;
     const next = tabs[(tabs.indexOf(event.target) + step + tabs.length) % tabs.length];
     next.focus();
@@ -1196,6 +1770,18 @@
       selectTab("keys");
     });
     $("tab-users").addEventListener("click", showUsersTab);
+    $("tab-usage").addEventListener("click", () => openUsage());
+    $("usage-filters").addEventListener("submit", (event) => event.preventDefault());
+    $("usage-user").addEventListener("change", () => {
+      fillUsageKeys();
+      reloadUsage();
+    });
+    for (const id of ["usage-window", "usage-key", "usage-server", "usage-tool"]) {
+      $(id).addEventListener("change", reloadUsage);
+    }
+    $("usage-csv").addEventListener("click", downloadUsageCsv);
+    $("usage-calls-more").addEventListener("click", loadMoreCalls);
+    new ResizeObserver(onChartResize).observe($("usage-chart-box"));
     $("tabs").addEventListener("keydown", onTabKey);
     $("filter-user").addEventListener("change", reloadKeys);
     $("filter-status").addEventListener("change", reloadKeys);
