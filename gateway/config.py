@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -64,6 +65,10 @@ class GatewaySettings:
     # Client connections per process; past it new connections get 503 and are closed, so
     # the process keeps file descriptors for its upstreams, its database and its admin plane.
     max_connections: int = 10_000
+    # The data plane as clients see it, e.g. "https://gw.example.com": an origin, kept without
+    # a trailing slash (it is the OAuth issuer, compared character for character). Empty: the
+    # OAuth flow for MCP clients (SPEC §9) is off and its routes answer 404.
+    public_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,24 @@ class McpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    """The OAuth flow for MCP clients (SPEC §9); on only when gateway.public_url is set."""
+
+    access_token_ttl_seconds: int = 3600
+    # A grant's whole life: its refresh tokens rotate, but none outlives consent + this (nor
+    # the approving key's own expiry); then the person approves again.
+    refresh_token_ttl_seconds: int = 30 * 86400
+    code_ttl_seconds: int = 60
+    consent_ttl_seconds: int = 600  # how long a consent page stays usable
+    # Requests per client address (IPv6: per /64) per window. A client registers once, opens
+    # the consent page once and refreshes hourly; these allow a few dozen calls a minute.
+    register_requests_per_client: int = 30  # POST /oauth/register
+    authorize_requests_per_client: int = 60  # GET and POST /oauth/authorize
+    token_requests_per_client: int = 120  # POST /oauth/token and /oauth/revoke
+    window_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"
 
@@ -142,6 +165,7 @@ class Settings:
     usage: UsageSettings = UsageSettings()
     throttle: ThrottleSettings = ThrottleSettings()
     mcp: McpSettings = McpSettings()
+    oauth: OAuthSettings = OAuthSettings()
     logging: LoggingSettings = LoggingSettings()
     mcp_servers: Mapping[str, UpstreamSettings] = field(default_factory=dict)
     chat: UpstreamSettings | None = None
@@ -155,6 +179,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "usage": UsageSettings,
     "throttle": ThrottleSettings,
     "mcp": McpSettings,
+    "oauth": OAuthSettings,
     "logging": LoggingSettings,
 }
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -397,6 +422,40 @@ def _http_url(value: Any) -> str:
     return text.rstrip("/") if text.count("/") > 2 else text
 
 
+def _public_url(value: Any) -> str:
+    """An http(s) origin, without its trailing slash; empty for "OAuth off".
+
+    Decision: no path. The OAuth documents live at the root of the data plane
+    (/.well-known/oauth-authorization-server), and an issuer with a path would have its metadata
+    looked up at /.well-known/oauth-authorization-server/<path>, outside any path prefix a
+    proxy could forward; so the issuer is the bare origin.
+    """
+    text = _string(value)
+    if not text:
+        return ""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL, e.g. https://gw.example.com")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("expected no query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("expected no user name or password")
+    if parts.path not in ("", "/"):
+        raise ValueError("expected an origin without a path (the data plane serves at its root)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("expected a valid port") from None
+    # Spelt as clients canonicalise URLs (the MCP SDK parses them with pydantic): host in lower
+    # case, no default port. The documents name this origin and clients send it back as
+    # `resource`, compared exactly.
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
 def _log_level(value: Any) -> str:
     text = _string(value).lower()
     if text not in _LOG_LEVELS:
@@ -419,6 +478,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "body_min_rate"): _integer(0),
     ("gateway", "upstream_max_connections"): _integer(1, 100_000),
     ("gateway", "max_connections"): _integer(1, 1_000_000),
+    ("gateway", "public_url"): _public_url,
     ("throttle", "failures_per_client"): _integer(0),
     ("throttle", "failures_per_key"): _integer(0),
     ("throttle", "window_seconds"): _number(0, exclusive=True),
@@ -448,5 +508,13 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("usage", "retention_days"): _integer(1, 3650),
     ("mcp", "max_inspect_bytes"): _integer(1024, 64 * 1024 * 1024),
     ("mcp", "discovery_timeout_seconds"): _number(0, exclusive=True),
+    ("oauth", "access_token_ttl_seconds"): _integer(60, 86_400),
+    ("oauth", "refresh_token_ttl_seconds"): _integer(300, 365 * 86_400),
+    ("oauth", "code_ttl_seconds"): _integer(10, 600),
+    ("oauth", "consent_ttl_seconds"): _integer(60, 86_400),
+    ("oauth", "register_requests_per_client"): _integer(1),
+    ("oauth", "authorize_requests_per_client"): _integer(1),
+    ("oauth", "token_requests_per_client"): _integer(1),
+    ("oauth", "window_seconds"): _number(0, exclusive=True),
     ("logging", "level"): _log_level,
 }

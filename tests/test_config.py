@@ -21,6 +21,7 @@ from gateway.config import (
     KeySettings,
     LoggingSettings,
     McpSettings,
+    OAuthSettings,
     Secret,
     Settings,
     ThrottleSettings,
@@ -37,6 +38,7 @@ SECTIONS = {
     "usage": UsageSettings,
     "throttle": ThrottleSettings,
     "mcp": McpSettings,
+    "oauth": OAuthSettings,
     "logging": LoggingSettings,
 }
 GITHUB = '[mcp_servers.github]\nurl = "http://127.0.0.1:9001/mcp"\n'
@@ -589,3 +591,38 @@ def test_serve_takes_config_from_env(tmp_path: Path) -> None:
     path = write(tmp_path, BAD_FILE)
     result = run_cli(tmp_path, "serve", env={"KEYSTILE_CONFIG": str(path)})
     assert_config_failure(result, problems_of(path))
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("", ""),
+        ("https://gw.example.com", "https://gw.example.com"),
+        ("https://gw.example.com/", "https://gw.example.com"),  # no trailing slash kept
+        ("https://GW.Example.com:443/", "https://gw.example.com"),  # as clients spell it
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("http://[::1]:8080/", "http://[::1]:8080"),
+    ],
+)
+def test_public_url_is_kept_as_the_issuer_clients_compare(given: str, kept: str) -> None:
+    settings = load_settings(None, env={"KEYSTILE_GATEWAY_PUBLIC_URL": f'"{given}"'})
+    assert settings.gateway.public_url == kept
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "gw.example.com",
+        "ftp://gw.example.com",
+        "https://gw.example.com/keystile",
+        "https://gw.example.com?x=1",
+        "https://gw.example.com#top",
+        "https://user:pw@gw.example.com",
+        "https://gw.example.com:99999",
+        "https://",
+    ],
+)
+def test_public_url_refusals_name_the_field(bad: str) -> None:
+    problems = problems_of(None, {"KEYSTILE_GATEWAY_PUBLIC_URL": f'"{bad}"'})
+    assert len(problems) == 1
+    assert problems[0].startswith("gateway.public_url: ")
