@@ -8,6 +8,8 @@ launch costs about half a second. Screenshots of the main states go to tests/art
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import re
@@ -15,18 +17,23 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
+from gateway.calls import CallRecord
 from gateway.config import UpstreamSettings
 from gateway.keyring import IssuedKey
 from gateway.models import User
 from gateway.sample_mcp import MCP_PATH, start_sample_server
 from tests.support import (
     LOOPBACK,
+    FaultyProxy,
     Keystile,
+    Upstream,
     admin_call,
     make_settings,
     start_keystile,
@@ -193,6 +200,10 @@ async def data_plane_status(ks: Keystile, key: str, want: int, *, within: float 
 
 def key_filter(page: Page, label: str) -> Locator:
     return page.get_by_role("form", name="Filter keys").get_by_label(label, exact=True)
+
+
+def usage_filter(page: Page, label: str) -> Locator:
+    return page.get_by_role("form", name="Filter usage").get_by_label(label, exact=True)
 
 
 async def signed_in_as_admin(ui: Ui) -> tuple[User, str]:
@@ -861,3 +872,523 @@ async def test_admin_edits_a_members_tools_in_the_users_view(tools_ui: Ui) -> No
     await until_listed(ks, grace_key, ["echo", "add", "whoami"])
     await page.set_viewport_size(NARROW)
     await ui.shot("26-users-tools-390")
+
+
+# --- usage (SPEC §7): real traffic through the gateway, then the Usage view ---
+
+USAGE_TOOLS = ("echo", "add", "whoami")
+
+
+def tool_call(name: str, ident: int = 1) -> dict[str, Any]:
+    arguments = {"echo": {"text": "hi"}, "add": {"a": 1, "b": 2}}.get(name, {})
+    return {
+        "jsonrpc": "2.0",
+        "id": ident,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+
+
+@dataclass
+class Traffic:
+    """What `make_traffic` sent and recorded, by key name."""
+
+    keys: dict[str, str]  # name -> key id
+    users: dict[str, str]  # email -> user id
+    admin_key: str
+    member_key: str  # mel's "mel laptop", which may sign in (permission keys)
+
+
+@pytest.fixture
+async def with_sample(database_url: str, upstream: Upstream) -> AsyncIterator[Keystile]:
+    """Keystile in front of the echo upstream (github, gitlab, tokened, chat) and of the
+    bundled sample MCP server ("sample": echo, add, whoami)."""
+    runner, port = await start_sample_server(LOOPBACK)
+    settings = make_settings(upstream)
+    sample = UpstreamSettings(url=f"http://{LOOPBACK}:{port}{MCP_PATH}")
+    settings = replace(settings, mcp_servers={**settings.mcp_servers, "sample": sample})
+    try:
+        async with start_keystile(settings, database_url) as ks:
+            yield ks
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def usage_ui(with_sample: Keystile, browser: Browser) -> AsyncIterator[Ui]:
+    async with watched_tab(with_sample, browser) as tab:
+        yield tab
+
+
+async def sent(ks: Keystile, key: str, want: int, method: str, path: str, body: Any = None) -> None:
+    """One data-plane request with this key, answered `want` (a tools/call that succeeds ran)."""
+    status, _, answer = await ks.request(method, path, key, json=body, headers=MCP_ACCEPT)
+    assert status == want, (path, answer)
+    if want == 200 and isinstance(body, dict) and body.get("method") == "tools/call":
+        assert "result" in answer, answer  # the sample server ran the tool
+
+
+def utc_day(days_ago: int) -> date:
+    return (datetime.now(UTC) - timedelta(days=days_ago)).date()
+
+
+def backdated(ks: Keystile, issued: IssuedKey, days_ago: int, tool: str, status: int) -> None:
+    """A call record of an earlier day, through the gateway's own recorder: the gateway only
+    records requests as they happen, and the chart needs more than one day."""
+    when = datetime.combine(utc_day(days_ago), time(12, 0), tzinfo=UTC)
+    assert ks.runtime.calls is not None
+    ks.runtime.calls.record(
+        CallRecord(
+            time=when.timestamp(),
+            request_id=f"earlier-{days_ago}-{tool}-{status}",
+            workspace_id=issued.record.workspace_id,
+            user_id=issued.record.user_id,
+            key_id=issued.record.id,
+            route="mcp",
+            server="sample",
+            mcp_method="tools/call",
+            tool=tool,
+            status=status,
+            duration_ms=12.5 if status < 400 else 250.0,
+            bytes_in=90,
+            bytes_out=120,
+            client=LOOPBACK,
+        )
+    )
+
+
+async def make_traffic(ks: Keystile) -> Traffic:
+    """Today, through the gateway (sample server and echo upstream), by three keys of two users:
+
+    - mel laptop (mel, servers sample): echo x4, add x2, tools/list, a 403 (github is not its
+      server) and a 404 (add, on a path the sample server lacks): 9 requests, 2 errors
+    - mel ci (mel): whoami x3, GET /api/me: 4 requests
+    - ada agent (ada, admin): echo, add x7, a GET to gitlab, a 404 (echo): 10 requests, 1 error
+
+    and earlier: mel ci whoami x40 three days ago (2 answered 500), ada agent echo x2 five days
+    ago. In all 65 requests and 5 errors; tools add 10 (1 error), whoami 43 (2), echo 8 (1);
+    keys mel ci 44 (2), ada agent 12 (1), mel laptop 9 (2).
+    """
+    ada = await ks.user(ADMIN_EMAIL, role="admin", servers=["*"])
+    admin = await ks.key(ada, name="admin console", permissions=("admin", "keys", "mcp"))
+    agent = await ks.key(ada, name="ada agent")
+    mel = await ks.user("mel@example.com", servers=["sample", "github"])
+    laptop = await ks.key(mel, name="mel laptop", servers=("sample",), permissions=("keys", "mcp"))
+    ci = await ks.key(mel, name="mel ci")
+    sample = "/mcp-connect/sample"
+    for n in range(4):
+        await sent(ks, laptop.key, 200, "POST", sample, tool_call("echo", n))
+    for n in range(2):
+        await sent(ks, laptop.key, 200, "POST", sample, tool_call("add", n))
+    await sent(ks, laptop.key, 200, "POST", sample, TOOLS_LIST)
+    await sent(ks, laptop.key, 403, "POST", "/mcp-connect/github/mcp", tool_call("search"))
+    await sent(ks, laptop.key, 404, "POST", f"{sample}/nope", tool_call("add"))
+    for n in range(3):
+        await sent(ks, ci.key, 200, "POST", sample, tool_call("whoami", n))
+    await sent(ks, ci.key, 200, "GET", "/api/me")
+    await sent(ks, agent.key, 200, "POST", sample, tool_call("echo"))
+    for n in range(7):
+        await sent(ks, agent.key, 200, "POST", sample, tool_call("add", n))
+    await sent(ks, agent.key, 200, "GET", "/mcp-connect/gitlab/projects")
+    await sent(ks, agent.key, 404, "POST", f"{sample}/nope", tool_call("echo"))
+    for n in range(40):
+        backdated(ks, ci, 3, "whoami", 500 if n < 2 else 200)
+    for _ in range(2):
+        backdated(ks, agent, 5, "echo", 200)
+    assert ks.runtime.calls is not None
+    await ks.runtime.calls.flush()
+    return Traffic(
+        keys={k.record.name: k.record.id for k in (admin, agent, laptop, ci)},
+        users={ADMIN_EMAIL: ada.id, "mel@example.com": mel.id},
+        admin_key=admin.key,
+        member_key=laptop.key,
+    )
+
+
+async def bars(page: Page) -> list[dict[str, Any]]:
+    """The chart's groups as drawn: each bar's counts, rectangle heights and label."""
+    result: list[dict[str, Any]] = await page.evaluate(
+        """[...document.querySelectorAll('#usage-chart g.bar')].map((g) => {
+            const ok = g.querySelector('rect.bar-ok'), bad = g.querySelector('rect.bar-error');
+            const label = g.querySelector('text');
+            return {
+              bucket: g.dataset.bucket, requests: Number(g.dataset.requests),
+              errors: Number(g.dataset.errors),
+              ok: Number(ok.getAttribute('height')), bad: Number(bad.getAttribute('height')),
+              okBottom: Number(ok.getAttribute('y')) + Number(ok.getAttribute('height')),
+              badBottom: Number(bad.getAttribute('y')) + Number(bad.getAttribute('height')),
+              title: g.querySelector('title').textContent,
+              label: label ? label.textContent : null,
+            };
+        })"""
+    )
+    return result
+
+
+def assert_proportional(drawn: list[dict[str, Any]]) -> None:
+    """Each bar is as tall as its requests (OK below, errors on top), on one scale."""
+    used = [b for b in drawn if b["requests"]]
+    assert used, "no bar has requests"
+    scale = (used[0]["ok"] + used[0]["bad"]) / used[0]["requests"]
+    assert scale > 0
+    for bar in drawn:
+        assert bar["ok"] == pytest.approx((bar["requests"] - bar["errors"]) * scale), bar
+        assert bar["bad"] == pytest.approx(bar["errors"] * scale), bar
+        assert bar["okBottom"] == pytest.approx(drawn[0]["okBottom"]), "one baseline"
+        assert bar["badBottom"] == pytest.approx(bar["okBottom"] - bar["ok"]), "errors on top"
+
+
+async def table_rows(table: Locator) -> list[list[str]]:
+    rows: list[list[str]] = await table.locator("tbody tr").evaluate_all(
+        "rows => rows.map(r => [...r.cells].map(c => c.innerText.trim()))"
+    )
+    return rows
+
+
+def name_and_counts(rows: list[list[str]]) -> list[tuple[str, int, int]]:
+    """(first line of the first cell, requests, errors) of each row."""
+    return [(row[0].splitlines()[0], int(row[1]), int(row[2])) for row in rows]
+
+
+async def totals(page: Page) -> dict[str, str]:
+    found: dict[str, str] = await page.locator("#usage-totals").evaluate(
+        "dl => Object.fromEntries([...dl.querySelectorAll('.stat')].map("
+        "s => [s.querySelector('dt').textContent, s.querySelector('dd').textContent]))"
+    )
+    return found
+
+
+async def open_usage(ui: Ui) -> None:
+    await ui.page.get_by_role("tab", name="Usage").click()
+    await expect(ui.page.locator("#usage-status")).to_have_text(re.compile("^Usage in"))
+
+
+CSV_METRICS = ["requests", "errors", "p50_ms", "p95_ms", "bytes_in", "bytes_out"]
+
+
+async def download_csv(ui: Ui) -> tuple[str, str]:
+    """Click "Download CSV" and read the file the browser saved: its name and text."""
+    async with ui.page.expect_download() as info:
+        await ui.button("Download CSV").click()
+    download = await info.value
+    path = await download.path()
+    return download.suggested_filename, await asyncio.to_thread(Path(path).read_text)
+
+
+async def settled(page: Page) -> None:
+    """The Usage view finished loading what was last asked for."""
+    await expect(page.locator("#usage-panel")).not_to_have_attribute("aria-busy", "true")
+    await expect(page.locator("#usage-status")).to_have_text(re.compile("^Usage in"))
+
+
+async def api_usage(ks: Keystile, key: str, **params: str) -> dict[str, Any]:
+    reply = await admin_call(ks, "GET", f"/api/usage?{urlencode(params)}", key)
+    assert reply.status == 200, reply.text
+    body: dict[str, Any] = reply.body
+    return body
+
+
+def window_start(days: int) -> str:
+    """The page's window: whole UTC days, today the last of them."""
+    return f"{utc_day(days - 1).isoformat()}T00:00:00Z"
+
+
+async def test_usage_view_draws_real_traffic(usage_ui: Ui) -> None:
+    ui = usage_ui
+    page, ks = ui.page, ui.ks
+    traffic = await make_traffic(ks)
+    await ui.open()
+    await ui.sign_in(traffic.admin_key)
+    await expect(page.get_by_role("heading", name="API keys", exact=True)).to_be_visible()
+
+    # By keyboard: the arrow keys walk the tabs to Usage.
+    await page.get_by_role("tab", name="API keys").focus()
+    await page.keyboard.press("ArrowRight")
+    await page.keyboard.press("ArrowRight")
+    await expect(page.get_by_role("tab", name="Usage")).to_have_attribute("aria-selected", "true")
+    await expect(page.get_by_role("tab", name="Usage")).to_be_focused()
+    await settled(page)
+    await expect(usage_filter(page, "Window")).to_have_value("7d")
+    await ui.shot("27-usage", full_page=False)
+    everything = await api_usage(ks, traffic.admin_key, **{"from": window_start(7)})
+    [row] = everything["rows"]
+    assert (row["requests"], row["errors"]) == (65, 5)
+    shown = await totals(page)
+    assert (shown["Requests"], shown["Errors"]) == ("65", "5 (7.7%)")
+    for label, metric in [("Median duration", "p50_ms"), ("95th percentile", "p95_ms")]:
+        assert float(shown[label].removesuffix(" ms")) == pytest.approx(row[metric], abs=0.051)
+
+    # The chart: one group per UTC day of the window, as tall as its requests.
+    chart = page.locator("#usage-chart")
+    await expect(chart).to_have_attribute("role", "img")
+    await expect(page.locator("#usage-chart-name")).to_have_text(
+        "Requests per day, the last 7 days"
+    )
+    await expect(page.locator("#usage-chart-desc")).to_contain_text("65 requests")
+    await expect(page.locator("#usage-chart-desc")).to_contain_text("5 errors")
+    drawn = await bars(page)
+    days = [utc_day(n).isoformat() for n in range(6, -1, -1)]
+    assert [b["bucket"] for b in drawn] == days
+    per_day = await api_usage(ks, traffic.admin_key, group_by="day", **{"from": window_start(7)})
+    answered = {r["day"]: (r["requests"], r["errors"]) for r in per_day["rows"]}
+    assert {b["bucket"]: (b["requests"], b["errors"]) for b in drawn if b["requests"]} == answered
+    by_day = {b["bucket"]: b for b in drawn}
+    assert (by_day[days[3]]["requests"], by_day[days[3]]["errors"]) == (40, 2)  # 3 days ago
+    assert (by_day[days[1]]["requests"], by_day[days[1]]["errors"]) == (2, 0)  # 5 days ago
+    assert sum(b["requests"] for b in drawn) == 65
+    assert_proportional(drawn)
+    assert by_day[days[3]]["ok"] + by_day[days[3]]["bad"] == pytest.approx(
+        20 * (by_day[days[1]]["ok"] + by_day[days[1]]["bad"])
+    )
+    assert by_day[days[3]]["title"].endswith(": 40 requests, 2 errors")
+    assert drawn[-1]["label"] is not None, "today is labelled"
+    # ...and the same numbers as a table, for screen readers and keyboards.
+    table = page.locator("#usage-series-table")
+    await page.get_by_text("Requests per day as a table").click()
+    await expect(table).to_be_visible()
+    series = await table_rows(table)
+    assert [[int(n) for n in r[1:]] for r in series] == [
+        [b["requests"], b["requests"] - b["errors"], b["errors"]] for b in drawn
+    ]
+
+    # Top tools and top keys, busiest first, with the API's percentiles.
+    tools = await table_rows(page.locator("#usage-tools-table"))
+    assert name_and_counts(tools) == [("whoami", 43, 2), ("add", 10, 1), ("echo", 8, 1)]
+    assert all(r[0].splitlines()[1] == "sample" for r in tools)
+    keys = await table_rows(page.locator("#usage-keys-table"))
+    assert name_and_counts(keys) == [("mel ci", 44, 2), ("ada agent", 12, 1), ("mel laptop", 9, 2)]
+    assert keys[0][0].splitlines()[1] == "mel@example.com"
+    per_key = await api_usage(ks, traffic.admin_key, group_by="key", **{"from": window_start(7)})
+    percentiles = {r["key_id"]: (r["p50_ms"], r["p95_ms"]) for r in per_key["rows"]}
+    p50, p95 = percentiles[traffic.keys["mel ci"]]
+    assert float(keys[0][3]) == pytest.approx(p50, abs=0.051)
+    assert float(keys[0][4]) == pytest.approx(p95, abs=0.051)
+
+    # Recent calls: 50, then the rest with "Load more".
+    calls = page.locator("#usage-calls-table tbody tr")
+    await expect(calls).to_have_count(50)
+    await ui.button("Load more").click()
+    await expect(calls).to_have_count(65)
+    await expect(ui.button("Load more")).to_be_hidden()
+    column = page.locator("#usage-calls-table tbody td")
+    statuses = await column.and_(page.locator('[data-label="Status"]')).all_text_contents()
+    assert sorted(s for s in statuses if int(s) >= 400) == ["403", "404", "404", "500", "500"]
+    called = await column.and_(page.locator('[data-label="Tool"]')).all_text_contents()
+    assert {t: called.count(t) for t in USAGE_TOOLS} == {"echo": 8, "add": 10, "whoami": 43}
+
+    await page.get_by_role("heading", name="Recent calls").scroll_into_view_if_needed()
+    await ui.shot("28-usage-calls", full_page=False)
+
+    # The CSV: the chart's rows, fetched with the key and saved from a Blob.
+    name, text = await download_csv(ui)
+    assert name == f"keystile-usage-{days[0]}-per-day.csv"
+    await expect(page.locator("#notice")).to_have_text(f"Downloaded {name}.")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["day", *CSV_METRICS]
+    assert {r["day"]: (int(r["requests"]), int(r["errors"])) for r in rows} == answered
+    assert traffic.admin_key not in text
+
+    # At phone width: no sideways scrolling, the chart redrawn to the width, text still 12 px.
+    await page.set_viewport_size(NARROW)
+    await expect(chart).to_have_attribute("viewBox", re.compile(r"^0 0 3\d\d "))
+    width = await page.evaluate("document.getElementById('usage-chart-box').clientWidth")
+    assert (await chart.get_attribute("viewBox") or "").split()[2] == str(width)
+    box = await chart.bounding_box()
+    assert box is not None and box["width"] == pytest.approx(width, abs=1)
+    font = await page.evaluate(
+        "getComputedStyle(document.querySelector('#usage-chart text.label')).fontSize"
+    )
+    assert font == "12px"
+    assert_proportional(await bars(page))
+    await page.evaluate("window.scrollTo(0, 0)")
+    await ui.shot("29-usage-390", full_page=False)
+    await page.get_by_role("heading", name="Requests per day").scroll_into_view_if_needed()
+    await ui.shot("30-usage-390-chart", full_page=False)
+    await page.get_by_role("heading", name="Top tools").scroll_into_view_if_needed()
+    await ui.shot("31-usage-390-tops", full_page=False)
+    await page.get_by_role("heading", name="Recent calls").scroll_into_view_if_needed()
+    await ui.shot("32-usage-390-calls", full_page=False)
+    overflowing = await page.evaluate(
+        "[...document.querySelectorAll('#usage-panel *')].filter("
+        "e => e.getBoundingClientRect().right > window.innerWidth + 0.5).map("
+        "e => e.tagName + '#' + e.id + '.' + e.className.baseVal ?? e.className)"
+    )
+    assert overflowing == [], "no sideways scrolling at 390 px"
+
+
+async def test_usage_filters_and_the_keys_tables_usage_links(usage_ui: Ui) -> None:
+    ui = usage_ui
+    page, ks = ui.page, ui.ks
+    traffic = await make_traffic(ks)
+    await ui.open()
+    await ui.sign_in(traffic.admin_key)
+
+    # A key's row links to its usage: the Usage view, filtered to that key.
+    link = ui.row("mel laptop").get_by_role("link", name="Usage of mel laptop")
+    await link.focus()
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_role("tab", name="Usage")).to_have_attribute("aria-selected", "true")
+    await settled(page)
+    await expect(page.locator("#usage-title")).to_be_focused()
+    await expect(usage_filter(page, "Key")).to_have_value(traffic.keys["mel laptop"])
+    assert (await totals(page))["Requests"] == "9"
+    assert (await totals(page))["Errors"].startswith("2 ")
+    tools = name_and_counts(await table_rows(page.locator("#usage-tools-table")))
+    assert tools == [("echo", 4, 0), ("add", 3, 1)]
+    keys = name_and_counts(await table_rows(page.locator("#usage-keys-table")))
+    assert keys == [("mel laptop", 9, 2)]
+    drawn = await bars(page)
+    assert sum(b["requests"] for b in drawn) == 9
+    assert_proportional(drawn)
+    await expect(page.locator("#usage-calls-table tbody tr")).to_have_count(9)
+    assert "?" not in page.url and "#" not in page.url, "the link changes no address"
+    await ui.shot("33-usage-one-key", full_page=False)
+
+    # Filters: a user, then a tool of hers, then a server.
+    await usage_filter(page, "Key").select_option("")
+    await usage_filter(page, "User").select_option(traffic.users["mel@example.com"])
+    await settled(page)
+    assert (await totals(page))["Requests"] == "53"
+    keys = name_and_counts(await table_rows(page.locator("#usage-keys-table")))
+    assert keys == [("mel ci", 44, 2), ("mel laptop", 9, 2)]
+    # The key filter now lists only her keys.
+    options = await usage_filter(page, "Key").locator("option").all_text_contents()
+    assert options == ["All keys", "mel ci · mel@example.com", "mel laptop · mel@example.com"]
+    await usage_filter(page, "Tool").select_option("whoami")
+    await settled(page)
+    assert (await totals(page))["Requests"] == "43"
+    assert name_and_counts(await table_rows(page.locator("#usage-tools-table"))) == [
+        ("whoami", 43, 2)
+    ]
+    await usage_filter(page, "Tool").select_option("")
+    await usage_filter(page, "User").select_option("")
+    await usage_filter(page, "Server").select_option("gitlab")
+    await settled(page)
+    assert (await totals(page))["Requests"] == "1"
+    assert name_and_counts(await table_rows(page.locator("#usage-keys-table"))) == [
+        ("ada agent", 1, 0)
+    ]
+    await expect(page.locator("#usage-tools-none")).to_be_visible()  # a GET calls no tool
+
+    # A filter that matches nothing explains itself.
+    await usage_filter(page, "Tool").select_option("echo")
+    await settled(page)
+    await expect(page.locator("#usage-empty")).to_contain_text(
+        "No usage matches these filters in the last 7 days."
+    )
+    await expect(page.locator("#usage-content")).to_be_hidden()
+
+    # The last 24 hours: one group per hour, today's traffic only; the last 30 days: 30 days.
+    await usage_filter(page, "Tool").select_option("")
+    await usage_filter(page, "Server").select_option("")
+    await usage_filter(page, "Window").select_option("24h")
+    await settled(page)
+    await expect(page.locator("#usage-chart-title")).to_have_text("Requests per hour")
+    drawn = await bars(page)
+    assert len(drawn) == 24
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    assert drawn[-1]["bucket"] == hour.strftime("%Y-%m-%dT%H:00:00Z")
+    assert sum(b["requests"] for b in drawn) == 23
+    assert_proportional(drawn)
+    assert (await totals(page))["Requests"] == "23"
+    await usage_filter(page, "Window").select_option("30d")
+    await settled(page)
+    drawn = await bars(page)
+    assert [b["bucket"] for b in drawn] == [utc_day(n).isoformat() for n in range(29, -1, -1)]
+    assert sum(b["requests"] for b in drawn) == 65
+    labels = [b["label"] for b in drawn if b["label"]]
+    assert 3 <= len(labels) < 30, "labels thinned out so they do not overlap"
+
+
+async def test_a_member_sees_only_her_own_usage(usage_ui: Ui) -> None:
+    ui = usage_ui
+    page, ks = ui.page, ui.ks
+    traffic = await make_traffic(ks)
+    await ui.open()
+    await ui.sign_in(traffic.member_key)
+    await expect(page.get_by_role("heading", name="Your API keys")).to_be_visible()
+    await expect(page.get_by_role("tab", name="Users")).to_be_hidden()
+
+    # The arrow keys skip the hidden Users tab.
+    await page.get_by_role("tab", name="API keys").focus()
+    await page.keyboard.press("ArrowRight")
+    await expect(page.get_by_role("tab", name="Usage")).to_be_focused()
+    await settled(page)
+    await expect(page.locator("#usage-lead")).to_contain_text("your keys")
+    await expect(usage_filter(page, "User")).to_be_hidden()
+    options = await usage_filter(page, "Key").locator("option").all_text_contents()
+    assert options == ["All keys", "mel ci", "mel laptop"]
+    assert (await totals(page))["Requests"] == "53"
+    keys = name_and_counts(await table_rows(page.locator("#usage-keys-table")))
+    assert keys == [("mel ci", 44, 2), ("mel laptop", 9, 2)]
+    tools = name_and_counts(await table_rows(page.locator("#usage-tools-table")))
+    assert tools == [("whoami", 43, 2), ("echo", 4, 0), ("add", 3, 1)]
+    drawn = await bars(page)
+    assert sum(b["requests"] for b in drawn) == 53
+    assert_proportional(drawn)
+    # "Load more" by keyboard: the last page in, focus moves to its first call.
+    await ui.button("Load more").focus()
+    await page.keyboard.press("Enter")
+    calls = page.locator("#usage-calls-table tbody tr")
+    await expect(calls).to_have_count(53)
+    await expect(ui.button("Load more")).to_be_hidden()
+    await expect(calls.nth(50).locator("time")).to_be_focused()
+    shown_keys = await page.locator('#usage-calls-table td[data-label="Key"]').all_text_contents()
+    assert set(shown_keys) == {"mel ci", "mel laptop"}
+    await page.evaluate("window.scrollTo(0, 0)")
+    await ui.shot("34-usage-member", full_page=False)
+
+    # Her key's link; and her CSV holds her numbers only.
+    await page.get_by_role("tab", name="API keys").click()
+    await ui.row("mel ci").get_by_role("link", name="Usage of mel ci").click()
+    await settled(page)
+    await expect(usage_filter(page, "Key")).to_have_value(traffic.keys["mel ci"])
+    assert (await totals(page))["Requests"] == "44"
+    _, text = await download_csv(ui)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sum(int(r["requests"]) for r in rows) == 44
+    assert {r["day"]: int(r["errors"]) for r in rows if int(r["errors"])} == {
+        utc_day(3).isoformat(): 2
+    }
+
+
+async def test_usage_empty_then_an_api_error(database_url: str, browser: Browser) -> None:
+    """No usage yet: the empty state. Then the database out of reach (through a proxy that is
+    cut): the API's own message where the page shows errors, and the view back once it is."""
+    proxy = FaultyProxy(urlsplit(database_url).port or 5432)
+    await proxy.start()
+    try:
+        async with (
+            start_keystile(make_settings(), proxy.url_for(database_url)) as ks,
+            watched_tab(ks, browser) as ui,
+        ):
+            page = ui.page
+            _, key = await signed_in_as_admin(ui)
+            await open_usage(ui)
+            await settled(page)
+            await expect(page.locator("#usage-empty-title")).to_have_text(
+                "No usage in the last 7 days yet."
+            )
+            await expect(page.locator("#usage-empty")).to_contain_text("a few seconds after")
+            await expect(page.locator("#usage-content")).to_be_hidden()
+            await expect(page.locator("#usage-calls")).to_be_hidden()
+            await ui.shot("35-usage-empty")
+
+            await proxy.cut()
+            answer = await admin_call(ks, "GET", "/api/usage?group_by=day", key)
+            assert answer.status == 503, answer.text
+            await usage_filter(page, "Window").select_option("30d")
+            await expect(page.locator("#page-error")).to_have_text(answer.body["message"])
+            await expect(page.locator("#usage-panel")).not_to_have_attribute("aria-busy", "true")
+            await expect(page.locator("#usage-empty")).to_be_hidden()
+            await ui.shot("36-usage-error")
+
+            await proxy.restore()
+            await usage_filter(page, "Window").select_option("24h")
+            await settled(page)
+            await expect(page.locator("#page-error")).to_be_empty()
+            await expect(page.locator("#usage-empty-title")).to_have_text(
+                "No usage in the last 24 hours yet."
+            )
+    finally:
+        await proxy.cut()
