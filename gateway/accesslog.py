@@ -12,8 +12,9 @@ With `gateway.access_log_format = "json"` each line is a JSON object instead, ad
 data plane learnt of the request: request_id, key_id, user_id, server, mcp_method, tool.
 
 Lines never carry headers, so never a key; and since a careless client may put one in the
-URL (`?api_key=...`), query values whose name sounds like a credential, or that look like a
-Keystile key, are written as `REDACTED`.
+URL (`?api_key=...`), query values whose name sounds like a credential (`code`, `token`,
+`code_challenge`, ...), or that look like a Keystile key or OAuth token, are written as
+`REDACTED`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _FLUSH_BYTES = 64 * 1024
 _CREDENTIAL_NAME = re.compile(
     r"key|token|secret|passw|pwd|auth|credential|session|signature|sig$|code|jwt|bearer", re.I
 )
+# A Keystile key, or an OAuth access or refresh token (gateway.keys), wherever it sits.
+_CREDENTIAL_VALUE = re.compile(r"ks[or]?1-")
 _REDACTED = "REDACTED"
 
 
@@ -55,7 +58,9 @@ def redacted_target(raw_target: str) -> str:
 
 
 def _looks_secret(name: str, value: str) -> bool:
-    return bool(_CREDENTIAL_NAME.search(unquote(name))) or "ks1-" in unquote(value)
+    return bool(_CREDENTIAL_NAME.search(unquote(name))) or bool(
+        _CREDENTIAL_VALUE.search(unquote(value))
+    )
 
 
 class AccessLogBuffer:

@@ -1,8 +1,9 @@
 """The verified-key cache: bounded, with TTL, negative entries and invalidation.
 
 Positive entries map a key id to its principal and the fingerprints of the secrets that have
-been verified for it; a hit costs a dict lookup and a constant-time digest comparison, no
-database and no argon2. Negative entries remember fingerprints of keys that failed, briefly.
+been verified for it (an OAuth grant is a key: its entry holds its verified access tokens);
+a hit costs a dict lookup and a constant-time digest comparison, no database and no argon2.
+Negative entries remember fingerprints of keys that failed, briefly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from gateway.models import Principal, User, Workspace
 @dataclass(frozen=True, slots=True)
 class VerifiedSecret:
     fingerprint: bytes
-    valid_until: datetime | None  # set for a previous secret inside its rotation grace period
+    # Set for a previous secret inside its rotation grace period, and for an OAuth access
+    # token (its expiry): past it, the secret is verified again (and refused).
+    valid_until: datetime | None
+    # An OAuth access token's bound server: it is accepted for that server's MCP route only.
+    # None for a key's secret.
+    server: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,15 @@
 """The key format: generate, parse, checksum, hash and verify. Pure: no I/O, no event loop.
 
-    ks1-<userId>-<keyId>-<secret><checksum>
+    ks1-<userId>-<keyId>-<secret><checksum>      an API key
+    kso1-<userId>-<grantId>-<secret><checksum>   an OAuth access token (SPEC §9)
+    ksr1-<userId>-<grantId>-<secret><checksum>   an OAuth refresh token
 
 `secret` is 43 base62 characters (256 bits from `secrets`); `checksum` is CRC32 over everything
-before it, as 6 base62 characters, so a mistyped or truncated key is refused before any lookup.
+before it, as 6 base62 characters, so a mistyped or truncated credential is refused before any
+lookup. An OAuth grant is a key record (kind "oauth"), so its tokens name it as a key names its
+record, and are verified on the same cache path; they are stored as SHA-256 digests
+(`token_hash`), not argon2 hashes: 256 random bits need no stretching, and a token is minted
+every hour per client. Each prefix is distinct, so secret scanners tell the three apart.
 """
 
 from __future__ import annotations
@@ -13,11 +19,18 @@ import hmac
 import secrets
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+Kind = Literal["key", "oauth", "refresh"]
 PREFIX = "ks1"
+ACCESS_PREFIX = "kso1"
+REFRESH_PREFIX = "ksr1"
+# What a credential is, by its prefix: an API key, or an OAuth grant's access or refresh token.
+KINDS: dict[str, Kind] = {PREFIX: "key", ACCESS_PREFIX: "oauth", REFRESH_PREFIX: "refresh"}
+PREFIXES: dict[Kind, str] = {kind: prefix for prefix, kind in KINDS.items()}
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SECRET_LENGTH = 43  # 62**43 > 2**256
 CHECKSUM_LENGTH = 6  # 62**6 > 2**32
@@ -29,19 +42,23 @@ _ID_CHARS = frozenset(ALPHABET)
 
 @dataclass(frozen=True, slots=True)
 class ParsedKey:
-    """A key whose shape and checksum are right; whether it is real is the store's question."""
+    """A credential whose shape and checksum are right; whether it is real is the store's
+    question. `key_id` is the record it names: a key's, or for a token its grant's."""
 
     user_id: str
     key_id: str
     secret: str
     full: str
+    kind: Kind = "key"
 
     @property
     def display_prefix(self) -> str:
-        return display_prefix(self.user_id, self.key_id, self.secret)
+        return display_prefix(self.user_id, self.key_id, self.secret, self.kind)
 
     def __repr__(self) -> str:
-        return f"ParsedKey(key_id={self.key_id!r}, prefix={self.display_prefix!r})"
+        return (
+            f"ParsedKey(kind={self.kind!r}, key_id={self.key_id!r}, prefix={self.display_prefix!r})"
+        )
 
 
 def random_string(length: int) -> str:
@@ -62,21 +79,24 @@ def checksum(text: str) -> str:
     return "".join(reversed(out))
 
 
-def generate(user_id: str, key_id: str) -> ParsedKey:
-    """Mint a new key for an existing user id and key id."""
+def generate(user_id: str, key_id: str, kind: Kind = "key") -> ParsedKey:
+    """Mint a new key (or a grant's token) for an existing user id and key (grant) id."""
     secret = random_string(SECRET_LENGTH)
-    body = f"{PREFIX}-{user_id}-{key_id}-{secret}"
-    return ParsedKey(user_id, key_id, secret, body + checksum(body))
+    body = f"{PREFIXES[kind]}-{user_id}-{key_id}-{secret}"
+    return ParsedKey(user_id, key_id, secret, body + checksum(body), kind)
 
 
 def parse(text: str) -> ParsedKey | None:
-    """Return the parsed key, or None for anything malformed or with a wrong checksum."""
+    """Return the parsed credential, or None for anything malformed or with a wrong checksum."""
     if len(text) > MAX_KEY_LENGTH or not text.isascii():
         return None
     parts = text.split("-")
-    if len(parts) != 4 or parts[0] != PREFIX:
+    if len(parts) != 4:
         return None
-    _, user_id, key_id, tail = parts
+    prefix, user_id, key_id, tail = parts
+    kind = KINDS.get(prefix)
+    if kind is None:
+        return None
     if len(tail) != SECRET_LENGTH + CHECKSUM_LENGTH or not _is_id(user_id) or not _is_id(key_id):
         return None
     if not _ALPHABET_SET.issuperset(tail):
@@ -84,16 +104,16 @@ def parse(text: str) -> ParsedKey | None:
     secret, check = tail[:SECRET_LENGTH], tail[SECRET_LENGTH:]
     if not hmac.compare_digest(checksum(text[:-CHECKSUM_LENGTH]), check):
         return None
-    return ParsedKey(user_id, key_id, secret, text)
+    return ParsedKey(user_id, key_id, secret, text, kind)
 
 
 def _is_id(value: str) -> bool:
     return 0 < len(value) <= 64 and _ID_CHARS.issuperset(value)
 
 
-def display_prefix(user_id: str, key_id: str, secret: str) -> str:
+def display_prefix(user_id: str, key_id: str, secret: str, kind: Kind = "key") -> str:
     """What every view shows after creation: the ids and the first 4 secret characters."""
-    return f"{PREFIX}-{user_id}-{key_id}-{secret[:4]}…"
+    return f"{PREFIXES[kind]}-{user_id}-{key_id}-{secret[:4]}…"
 
 
 def fingerprint(full_key: str) -> bytes:
@@ -103,6 +123,12 @@ def fingerprint(full_key: str) -> bytes:
     """
     # 128 bits: an exact-match check of keys that carry 256 random bits, held per cached key.
     return hashlib.blake2b(full_key.encode("ascii"), digest_size=16).digest()
+
+
+def token_hash(full_token: str) -> bytes:
+    """What the store keeps of an OAuth token (or code): its SHA-256. A token carries 256
+    random bits, so no stretching is needed, and lookups by this digest are exact."""
+    return hashlib.sha256(full_token.encode("ascii")).digest()
 
 
 class KeyHasher:

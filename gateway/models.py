@@ -6,10 +6,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from gateway.keys import PREFIX
+from gateway.keys import PREFIXES
 
 Role = Literal["admin", "member"]
 KeyStatus = Literal["active", "disabled", "expired", "pending", "revoked"]
+# "key": an API key; "oauth": a grant an MCP client holds through the OAuth flow (SPEC §9),
+# used only through its access tokens, bound to its one server.
+KeyKind = Literal["key", "oauth"]
 PERMISSIONS = ("mcp", "chat", "keys", "admin")
 ALL_SERVERS = "*"
 
@@ -77,10 +80,13 @@ class ApiKey:
     rate_limit: dict[str, int] | None = None
     allowed_cidrs: tuple[str, ...] | None = None
     tools: tuple[str, ...] | None = None  # tool patterns (SPEC §6); None = every tool
+    kind: KeyKind = "key"
+    client_id: str | None = None  # an OAuth grant's client, and its name when approved
+    client_name: str | None = None
 
     @property
     def prefix(self) -> str:
-        return f"{PREFIX}-{self.user_id}-{self.id}-{self.secret_prefix}…"
+        return f"{PREFIXES[self.kind]}-{self.user_id}-{self.id}-{self.secret_prefix}…"
 
     def status(self, now: datetime) -> KeyStatus:
         if self.revoked_at is not None:
@@ -114,6 +120,9 @@ class ApiKey:
             "rate_limit": self.rate_limit,
             "allowed_cidrs": list(self.allowed_cidrs) if self.allowed_cidrs is not None else None,
             "tools": list(self.tools) if self.tools is not None else None,
+            "kind": self.kind,
+            "client_id": self.client_id,
+            "client_name": self.client_name,
         }
 
 
@@ -136,6 +145,16 @@ class Principal:
     key: ApiKey
     user: User
     workspace: Workspace
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedAccess:
+    """An OAuth access token the store recognised: its grant as a principal, and its bounds."""
+
+    principal: Principal
+    hashes: KeyHashes  # the grant's (a marker no key verifies against): its cache generation
+    expires_at: datetime
+    server: str  # the one server the token is for
 
 
 def iso(value: datetime | None) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote_to_bytes
 
-Kind = Literal["mcp", "chat", "me", "healthz", "readyz", "unknown"]
+Kind = Literal["mcp", "chat", "me", "healthz", "readyz", "oauth", "unknown"]
 
 MAX_PATH_LENGTH = 8192
 MCP_PREFIX = "mcp-connect"
@@ -24,6 +24,17 @@ FIXED_ROUTES: dict[tuple[str, ...], Kind] = {
     ("healthz",): "healthz",
     ("readyz",): "readyz",
 }
+# The OAuth flow's own routes (SPEC §9), answered by gateway.oauth before any key is looked
+# at (and 404 while gateway.public_url is unset): the endpoint each names.
+OAUTH_ROUTES: dict[tuple[str, ...], str] = {
+    (".well-known", "oauth-authorization-server"): "authorization-server",
+    ("oauth", "authorize"): "authorize",
+    ("oauth", "token"): "token",
+    ("oauth", "register"): "register",
+    ("oauth", "revoke"): "revoke",
+}
+PROTECTED_RESOURCE = (".well-known", "oauth-protected-resource", MCP_PREFIX)
+OAUTH_STATIC = ("oauth", "static")
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The common case: unreserved characters only, nothing to decode or normalise. Such a path
 # needs only the dot-segment check; anything else goes through the full judgement.
@@ -52,6 +63,7 @@ class Route:
     server: str = ""
     upstream_path: str = ""
     query: str = ""
+    endpoint: str = ""  # an OAuth route's: "token", "protected-resource", "static/<file>", ...
 
 
 def _check_raw_path(path: str) -> None:
@@ -149,6 +161,22 @@ def _route(raw_target: str) -> Route:
     kind = FIXED_ROUTES.get(tuple(segments))
     if kind is not None and not trailing:
         return Route(kind, query=query)
+    return _oauth_route(segments, trailing, query)
+
+
+def _oauth_route(segments: list[str], trailing: bool, query: str) -> Route:
+    """The OAuth routes, or "unknown". The protected-resource document is served for a
+    server and for any path under it (clients ask for the one of the URL they were given)."""
+    endpoint = OAUTH_ROUTES.get(tuple(segments))
+    if endpoint is not None and not trailing:
+        return Route("oauth", query=query, endpoint=endpoint)
+    if len(segments) >= 4 and tuple(segments[:3]) == PROTECTED_RESOURCE:
+        server = _decode(segments[3])
+        if not SERVER_NAME.fullmatch(server):
+            raise PathError("invalid server name")
+        return Route("oauth", server, query=query, endpoint="protected-resource")
+    if len(segments) == 3 and tuple(segments[:2]) == OAUTH_STATIC and not trailing:
+        return Route("oauth", query=query, endpoint=f"static/{segments[2]}")
     return Route("unknown", query=query)
 
 

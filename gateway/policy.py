@@ -94,5 +94,10 @@ def require_permission(principal: Principal, permission: str) -> None:
 def require_server(principal: Principal, server: str, configured: Collection[str]) -> None:
     require_permission(principal, "mcp")
     if not may_reach(principal, server, configured):
+        if principal.key.kind == "oauth":
+            # A grant reaches its one server or nothing (SPEC §9): its user lost the server.
+            # 401, not 403: a 403 sends an OAuth client back through consent, which cannot
+            # give the user the server back.
+            raise invalid_key("The grant's user may no longer reach this server.")
         # Unknown and forbidden servers answer alike, so server names do not leak.
         raise forbidden("The API key may not reach this server.")

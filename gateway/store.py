@@ -40,10 +40,11 @@ class NotFound(Exception):
     """
 
 
-_KEY_COLUMNS = """
+KEY_COLUMNS = """
     k.id, k.user_id, k.workspace_id, k.name, k.description, k.servers, k.permissions,
     k.valid_from, k.expires_at, k.is_active, k.secret_prefix, k.created_at, k.updated_at,
-    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs, k.tools
+    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs, k.tools, k.kind, k.client_id,
+    k.client_name
 """
 _USER_COLUMNS = """
     u.id, u.workspace_id, u.email, u.display_name, u.role, u.is_active, u.created_at,
@@ -52,19 +53,23 @@ _USER_COLUMNS = """
               WHERE g.user_id = u.id), '{}') AS servers
 """
 
-LOAD_PRINCIPAL = f"""
-SELECT {_KEY_COLUMNS}, k.secret_hash, k.previous_hash, k.previous_expires_at,
+# A key with its user and workspace: what a verified request speaks for (principal_of reads
+# it). The OAuth store selects the same, joined to a grant's token (gateway.oauth.store).
+PRINCIPAL_COLUMNS = f"""
+       {KEY_COLUMNS}, k.secret_hash, k.previous_hash, k.previous_expires_at,
        u.email AS u_email, u.display_name AS u_display_name, u.role AS u_role,
        u.is_active AS u_is_active, u.created_at AS u_created_at, u.deleted_at AS u_deleted_at,
        u.tools AS u_tools,
        COALESCE((SELECT array_agg(g.server ORDER BY g.server) FROM server_grants g
                  WHERE g.user_id = u.id), '{{}}') AS u_servers,
        w.name AS w_name, w.created_at AS w_created_at
+"""
+PRINCIPAL_FROM = """
 FROM api_keys k
 JOIN users u ON u.id = k.user_id
 JOIN workspaces w ON w.id = k.workspace_id
-WHERE k.id = $1
 """
+LOAD_PRINCIPAL = f"SELECT {PRINCIPAL_COLUMNS} {PRINCIPAL_FROM} WHERE k.id = $1"
 
 TOUCH_LAST_USED = """
 UPDATE api_keys AS k SET last_used_at = GREATEST(k.last_used_at, v.used_at)
@@ -100,14 +105,14 @@ INSERT INTO api_keys AS k (id, user_id, workspace_id, name, description, servers
                            valid_from, expires_at, secret_hash, secret_prefix, rate_limit,
                            allowed_cidrs, is_active, tools)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-RETURNING {_KEY_COLUMNS}
+RETURNING {KEY_COLUMNS}
 """
-KEY_BY_ID = f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE k.id = $1 AND k.workspace_id = $2"
+KEY_BY_ID = f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = $1 AND k.workspace_id = $2"
 REVOKE_KEY = f"""
 UPDATE api_keys AS k SET revoked_at = now(), is_active = false, updated_at = now(),
        previous_hash = NULL, previous_expires_at = NULL
 WHERE k.id = $1 AND k.workspace_id = $2 AND k.revoked_at IS NULL
-RETURNING {_KEY_COLUMNS}
+RETURNING {KEY_COLUMNS}
 """
 ROTATE_KEY = f"""
 UPDATE api_keys AS k
@@ -116,7 +121,7 @@ SET previous_hash = CASE WHEN $3::float8 > 0 THEN k.secret_hash END,
                                THEN now() + make_interval(secs => $3::float8) END,
     secret_hash = $4, secret_prefix = $5, updated_at = now()
 WHERE k.id = $1 AND k.workspace_id = $2 AND k.revoked_at IS NULL
-RETURNING {_KEY_COLUMNS}
+RETURNING {KEY_COLUMNS}
 """
 INSERT_AUDIT = """
 INSERT INTO audit_events (workspace_id, actor_user_id, actor_key_id, action, target_type,
@@ -161,23 +166,7 @@ class Store:
 
     async def load_principal(self, key_id: str) -> tuple[Principal, KeyHashes] | None:
         row = await self.pool.fetchrow(LOAD_PRINCIPAL, key_id)
-        if row is None:
-            return None
-        user = User(
-            id=row["user_id"],
-            workspace_id=row["workspace_id"],
-            email=row["u_email"],
-            display_name=row["u_display_name"],
-            role=row["u_role"],
-            is_active=row["u_is_active"],
-            created_at=row["u_created_at"],
-            servers=tuple(row["u_servers"]),
-            deleted_at=row["u_deleted_at"],
-            tools=_tools(row["u_tools"]),
-        )
-        workspace = Workspace(row["workspace_id"], row["w_name"], row["w_created_at"])
-        hashes = KeyHashes(row["secret_hash"], row["previous_hash"], row["previous_expires_at"])
-        return Principal(key=_key(row), user=user, workspace=workspace), hashes
+        return principal_of(row) if row is not None else None
 
     async def touch_last_used(self, used: Mapping[str, datetime]) -> None:
         await self.pool.execute(TOUCH_LAST_USED, list(used), list(used.values()))
@@ -188,7 +177,7 @@ class Store:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(INSERT_WORKSPACE, workspace_id, name)
             assert row is not None
-            await _audit(conn, Actor(workspace_id), "workspace.create", "workspace", row["id"], {})
+            await audit(conn, Actor(workspace_id), "workspace.create", "workspace", row["id"], {})
             return _workspace(row)
 
     async def workspace_by_name(self, name: str) -> Workspace | None:
@@ -225,7 +214,7 @@ class Store:
             )
             await conn.execute(INSERT_GRANTS, user_id, list(servers))
             changes = {"email": email, "role": role, "servers": list(servers), "tools": tool_list}
-            await _audit(conn, actor, "user.create", "user", user_id, changes)
+            await audit(conn, actor, "user.create", "user", user_id, changes)
             user = await _fetch_user(conn, user_id, actor.workspace_id)
             assert user is not None
             return user
@@ -250,8 +239,8 @@ class Store:
             await conn.execute(DELETE_GRANTS, user_id)
             await conn.execute(INSERT_GRANTS, user_id, sorted(set(servers)))
             changes = {"servers": {"from": list(before.servers), "to": sorted(set(servers))}}
-            await _audit(conn, actor, "user.servers", "user", user_id, changes)
-            await _notify(conn, "user", user_id)
+            await audit(conn, actor, "user.servers", "user", user_id, changes)
+            await notify(conn, "user", user_id)
             after = await _fetch_user(conn, user_id, actor.workspace_id)
             assert after is not None
             return after
@@ -264,8 +253,8 @@ class Store:
             value = list(tools) if tools is not None else None
             await conn.execute(SET_USER_TOOLS, user_id, actor.workspace_id, value)
             changes = {"tools": {"from": _jsonable(before.tools), "to": value}}
-            await _audit(conn, actor, "user.tools", "user", user_id, changes)
-            await _notify(conn, "user", user_id)
+            await audit(conn, actor, "user.tools", "user", user_id, changes)
+            await notify(conn, "user", user_id)
             after = await _fetch_user(conn, user_id, actor.workspace_id)
             assert after is not None
             return after
@@ -282,8 +271,8 @@ class Store:
             sql, args = _update_sql("users", USER_UPDATABLE, changes, user_id, actor.workspace_id)
             await conn.execute(sql, *args)
             diff = _diff(before.to_json(), changes)
-            await _audit(conn, actor, "user.update", "user", user_id, diff)
-            await _notify(conn, "user", user_id)
+            await audit(conn, actor, "user.update", "user", user_id, diff)
+            await notify(conn, "user", user_id)
             after = await _fetch_user(conn, user_id, actor.workspace_id)
             assert after is not None
             return after
@@ -309,9 +298,9 @@ class Store:
                 user_id,
             )
             for row in revoked:
-                await _audit(conn, actor, "key.revoke", "key", row["id"], {"reason": "user.delete"})
-            await _audit(conn, actor, "user.delete", "user", user_id, {})
-            await _notify(conn, "user", user_id)
+                await audit(conn, actor, "key.revoke", "key", row["id"], {"reason": "user.delete"})
+            await audit(conn, actor, "user.delete", "user", user_id, {})
+            await notify(conn, "user", user_id)
 
     # --- keys ---
 
@@ -354,14 +343,14 @@ class Store:
                 list(tools) if tools is not None else None,
             )
             assert row is not None
-            key = _key(row)
-            await _audit(conn, actor, "key.create", "key", key_id, _key_audit(key))
-            await _notify(conn, "key", key_id)  # drops any cached "unknown key" verdict
+            key = key_of(row)
+            await audit(conn, actor, "key.create", "key", key_id, _key_audit(key))
+            await notify(conn, "key", key_id)  # drops any cached "unknown key" verdict
             return key
 
     async def key(self, workspace_id: str, key_id: str) -> ApiKey | None:
         row = await self.pool.fetchrow(KEY_BY_ID, key_id, workspace_id)
-        return _key(row) if row is not None else None
+        return key_of(row) if row is not None else None
 
     async def list_keys(
         self,
@@ -379,10 +368,10 @@ class Store:
         if not include_revoked:
             clauses.append("k.revoked_at IS NULL")
         sql = (
-            f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE {' AND '.join(clauses)} "
+            f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE {' AND '.join(clauses)} "
             "ORDER BY k.created_at DESC, k.id"
         )
-        keys = [_key(r) for r in await self.pool.fetch(sql, *args)]
+        keys = [key_of(r) for r in await self.pool.fetch(sql, *args)]
         if statuses is not None:
             wanted = set(statuses)
             now = await self.now()
@@ -394,7 +383,7 @@ class Store:
             row = await conn.fetchrow(KEY_BY_ID + " FOR UPDATE", key_id, actor.workspace_id)
             if row is None or row["revoked_at"] is not None:
                 raise NotFound(key_id)
-            before = _key(row)
+            before = key_of(row)
             values = {
                 k: json.dumps(v) if k == "rate_limit" and v is not None else v
                 for k, v in changes.items()
@@ -403,20 +392,20 @@ class Store:
             await conn.execute(sql, *args)
             action = _key_action(changes)
             diff = _diff(before.to_json(before.updated_at), changes)
-            await _audit(conn, actor, action, "key", key_id, diff)
-            await _notify(conn, "key", key_id)
+            await audit(conn, actor, action, "key", key_id, diff)
+            await notify(conn, "key", key_id)
             after = await conn.fetchrow(KEY_BY_ID, key_id, actor.workspace_id)
             assert after is not None
-            return _key(after)
+            return key_of(after)
 
     async def revoke_key(self, actor: Actor, key_id: str) -> ApiKey:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(REVOKE_KEY, key_id, actor.workspace_id)
             if row is None:
                 raise NotFound(key_id)
-            await _audit(conn, actor, "key.revoke", "key", key_id, {})
-            await _notify(conn, "key", key_id)
-            return _key(row)
+            await audit(conn, actor, "key.revoke", "key", key_id, {})
+            await notify(conn, "key", key_id)
+            return key_of(row)
 
     async def rotate_key(
         self,
@@ -434,9 +423,9 @@ class Store:
             if row is None:
                 raise NotFound(key_id)
             changes = {"grace_seconds": grace_seconds}
-            await _audit(conn, actor, "key.rotate", "key", key_id, changes)
-            await _notify(conn, "key", key_id)
-            return _key(row)
+            await audit(conn, actor, "key.rotate", "key", key_id, changes)
+            await notify(conn, "key", key_id)
+            return key_of(row)
 
     async def audit_events(
         self, workspace_id: str, *, before: int | None, limit: int
@@ -508,7 +497,7 @@ async def _fetch_user(
     return _user(row) if row is not None else None
 
 
-async def _audit(
+async def audit(
     conn: Connection,
     actor: Actor,
     action: str,
@@ -528,7 +517,7 @@ async def _audit(
     )
 
 
-async def _notify(conn: Connection, kind: str, target_id: str) -> None:
+async def notify(conn: Connection, kind: str, target_id: str) -> None:
     # Delivered only if the transaction commits: exactly the changes that happened.
     await conn.execute(NOTIFY, INVALIDATE_CHANNEL, f"{kind}:{target_id}")
 
@@ -590,6 +579,25 @@ def _shared(values: Sequence[str]) -> tuple[str, ...]:
     return _shared_tuple(tuple(values))
 
 
+def principal_of(row: asyncpg.Record) -> tuple[Principal, KeyHashes]:
+    """A row selected with PRINCIPAL_COLUMNS as the principal and the hashes verifying it."""
+    user = User(
+        id=row["user_id"],
+        workspace_id=row["workspace_id"],
+        email=row["u_email"],
+        display_name=row["u_display_name"],
+        role=row["u_role"],
+        is_active=row["u_is_active"],
+        created_at=row["u_created_at"],
+        servers=tuple(row["u_servers"]),
+        deleted_at=row["u_deleted_at"],
+        tools=_tools(row["u_tools"]),
+    )
+    workspace = Workspace(row["workspace_id"], row["w_name"], row["w_created_at"])
+    hashes = KeyHashes(row["secret_hash"], row["previous_hash"], row["previous_expires_at"])
+    return Principal(key=key_of(row), user=user, workspace=workspace), hashes
+
+
 def _workspace(row: asyncpg.Record) -> Workspace:
     return Workspace(row["id"], row["name"], row["created_at"])
 
@@ -609,7 +617,7 @@ def _user(row: asyncpg.Record) -> User:
     )
 
 
-def _key(row: asyncpg.Record) -> ApiKey:
+def key_of(row: asyncpg.Record) -> ApiKey:
     rate_limit = row["rate_limit"]
     cidrs = row["allowed_cidrs"]
     return ApiKey(
@@ -632,6 +640,9 @@ def _key(row: asyncpg.Record) -> ApiKey:
         rate_limit=json.loads(rate_limit) if rate_limit is not None else None,
         allowed_cidrs=tuple(cidrs) if cidrs is not None else None,
         tools=_tools(row["tools"]),
+        kind=row["kind"],
+        client_id=row["client_id"],
+        client_name=row["client_name"],
     )
 
 

@@ -229,6 +229,37 @@ class KeyRateLimiter:
         return allowed, headers
 
 
+class AddressThrottle:
+    """Requests per client address (IPv6: per /64) in fixed windows: for endpoints anyone may
+    call without a key (OAuth registration, consent, token), whose every request costs a
+    database write or lookup. Bounded: the oldest addresses are forgotten first."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        window_seconds: float,
+        max_tracked: int,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limit = limit
+        self._window = window_seconds
+        self._timer = timer
+        self._windows: TTLCache[str, _Window] = TTLCache(max_tracked, window_seconds, timer=timer)
+
+    def take(self, client: str) -> float | None:
+        """Count one request; None if allowed, else the seconds until the window ends."""
+        who = client_identity(client)
+        now = self._timer()
+        window = self._windows.get(who)
+        if window is None:
+            window = self._windows[who] = _Window(now, 0)
+        if window.count >= self._limit:
+            return max(0.0, window.started + self._window - now)
+        window.count += 1
+        return None
+
+
 def rate_limited(headers: dict[str, str]) -> ApiError:
     return ApiError(
         429, "rate_limited", "The API key is over its rate limit; retry later.", headers=headers
