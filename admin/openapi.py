@@ -243,7 +243,8 @@ def _response_schemas() -> dict[str, Schema]:
                 "prefix": {
                     "type": "string",
                     "description": "ks1-<userId>-<keyId>- plus the secret's first 4 characters "
-                    "and an ellipsis; the full key is shown only once.",
+                    "and an ellipsis; the full key is shown only once. An OAuth grant's is "
+                    "kso1-<userId>-<grantId>-…",
                 },
                 "servers": SERVERS,
                 "permissions": PERMISSION_LIST,
@@ -258,6 +259,25 @@ def _response_schemas() -> dict[str, Schema]:
                 "rate_limit": _nullable(_ref("RateLimit")),
                 "allowed_cidrs": _nullable(_array(STRING)),
                 "tools": TOOLS,
+                "kind": {
+                    "type": "string",
+                    "enum": ["key", "oauth"],
+                    "description": "key: an API key. oauth: a grant an MCP client holds "
+                    "through the OAuth flow (its name is the client's; one server, permission "
+                    "mcp, never broader than the key that approved it); revoke it with DELETE. "
+                    "Its prefix starts kso1-; its servers and permissions cannot change, and it "
+                    "cannot be rotated (409 oauth_grant).",
+                },
+                "client_id": _nullable(
+                    {"type": "string", "description": "An OAuth grant's registered client."}
+                ),
+                "client_name": _nullable(
+                    {
+                        "type": "string",
+                        "description": "An OAuth grant's client, by the name it registered "
+                        "(as shown on the consent page).",
+                    }
+                ),
                 "user": _ref("KeyOwner"),
             }
         ),

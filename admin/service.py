@@ -150,6 +150,8 @@ class KeyAdmin:
         reject_unknown(data, KEY_PATCH_FIELDS)
         key = await self._live(caller, key_id)
         fields = self._key_fields(data)
+        if key.kind == "oauth":
+            _keep_consent(fields)
         if "is_active" in data:
             fields["is_active"] = validate.boolean(data, "is_active")
         if "permissions" in fields:
@@ -188,6 +190,12 @@ class KeyAdmin:
                 data, "grace_seconds", minimum=0, maximum=validate.MAX_GRACE_SECONDS
             )
         key = await self._live(caller, key_id)
+        if key.kind == "oauth":
+            raise ApiError(
+                409,
+                "oauth_grant",
+                "An OAuth grant has no secret to rotate; revoke it, and the client connects again.",
+            )
         if not caller.is_admin:
             narrowing.require_rotate(caller.principal.key, key)
         try:
@@ -278,6 +286,15 @@ class KeyAdmin:
             raise invalid("expires_at", "must be in the future")
         if valid_from is not None and expires_at is not None and valid_from >= expires_at:
             raise invalid("valid_from", "must be before expires_at")
+
+
+def _keep_consent(fields: dict[str, Any]) -> None:
+    """An OAuth grant reaches the one server, with `mcp`, that a person approved for its
+    client (SPEC §9), and its tokens are bound to that server: those fields stay. Its name,
+    description, tools, expiry, limits and active state change as any key's do."""
+    for field in ("servers", "permissions"):
+        if field in fields:
+            raise invalid(field, "an OAuth grant keeps what was approved; revoke it instead")
 
 
 class UserAdmin:

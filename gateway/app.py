@@ -24,7 +24,9 @@ from gateway.listen import (
     listen,
     raise_open_files_limit,
 )
+from gateway.mcp.discovery import ToolDiscovery
 from gateway.mcp.guard import ToolGuard
+from gateway.oauth.endpoints import KeyUse, OAuthEndpoints
 from gateway.proxy import Forwarder
 from gateway.runtime import Runtime
 
@@ -76,6 +78,7 @@ async def data_plane(
         throttle=runtime.data_throttle,
         rate_limiter=runtime.rate_limiter,
         tools=ToolGuard(settings.mcp_servers, settings.mcp.max_inspect_bytes),
+        oauth=_oauth_endpoints(runtime),
     )
     # auto_decompress off: a compressed request body is forwarded as it came, with its own
     # Content-Encoding, never decompressed and passed on still labelled compressed.
@@ -105,6 +108,32 @@ async def data_plane(
         await forwarder.close()
         flusher.cancel()
         flush_access_log()
+
+
+def _oauth_endpoints(runtime: Runtime) -> OAuthEndpoints | None:
+    """The OAuth routes (SPEC §9), when gateway.public_url turns them on."""
+    settings = runtime.settings
+    if runtime.oauth is None:
+        return None
+    return OAuthEndpoints(
+        public_url=settings.gateway.public_url,
+        settings=settings.oauth,
+        max_tracked=settings.throttle.max_tracked,
+        body_timeout=settings.gateway.body_timeout,
+        store=runtime.oauth,
+        keys_store=runtime.store,
+        key_use=KeyUse(
+            runtime.authenticator,
+            runtime.data_throttle,
+            runtime.rate_limiter,
+            runtime.usage,
+            runtime.cache,
+        ),
+        discovery=ToolDiscovery(
+            settings.mcp_servers, timeout=settings.mcp.discovery_timeout_seconds
+        ),
+        configured=settings.mcp_servers,
+    )
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from gateway.mcp.guard import ToolGuard
 from gateway.mcp.patterns import effective_patterns
 from gateway.metrics import Metrics
 from gateway.models import Principal, iso
+from gateway.oauth.endpoints import OAuthEndpoints
 from gateway.proxy import Forwarder
 from gateway.sse import EndpointRewriter, EndpointTarget
 from gateway.throttle import FailureThrottle, KeyRateLimiter, rate_limited
@@ -53,6 +54,7 @@ class DataPlane:
         throttle: FailureThrottle,
         rate_limiter: KeyRateLimiter,
         tools: ToolGuard,
+        oauth: OAuthEndpoints | None = None,
     ) -> None:
         self._servers = servers
         self._server_names = frozenset(servers)
@@ -66,12 +68,14 @@ class DataPlane:
         self._throttle = throttle
         self._limiter = rate_limiter
         self._tools = tools
+        self._oauth = oauth  # None: OAuth off (gateway.public_url unset), its routes 404
         self._trusted = forwarder.trusted
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         exchange = Exchange(request_id(request.headers.get("X-Request-Id")), time.time())
         request[EXCHANGE] = exchange  # for the access log
+        route: paths.Route | None = None
         try:
             route = paths.route(request.raw_path)
             exchange.route = route.kind
@@ -82,7 +86,7 @@ class DataPlane:
             message = f"The request path is not acceptable: {exc}."
             response = ApiError(400, "bad_path", message).response()
         except ApiError as err:
-            response = err.response()
+            response = self._refusal(err, route)
         except Exception:
             # A bug, not a client's doing: logged with an incident id the answer carries.
             incident = uuid.uuid4().hex[:12]
@@ -95,6 +99,19 @@ class DataPlane:
         self._metrics.request(exchange.route, exchange.server, response.status, duration)
         if exchange.principal is not None:
             self._observed(request, exchange, response, duration)
+        return response
+
+    def _refusal(self, err: ApiError, route: paths.Route | None) -> web.Response:
+        """The error's answer; a 401 on an MCP route also says, while OAuth is on, where the
+        server's protected-resource document is (RFC 9728 §5.1), which is how an MCP client
+        finds out it may connect through OAuth."""
+        response = err.response()
+        mcp = route is not None and route.kind == "mcp"
+        if err.status == 401 and self._oauth is not None and mcp:
+            assert route is not None
+            url = self._oauth.resource_metadata_url(route.server)
+            challenge = response.headers.get("WWW-Authenticate", 'Bearer realm="keystile"')
+            response.headers["WWW-Authenticate"] = f'{challenge}, resource_metadata="{url}"'
         return response
 
     def _observed(
@@ -127,8 +144,14 @@ class DataPlane:
         if route.kind == "unknown":
             raise not_found()
         client = self._client(request)
+        if route.kind == "oauth":  # before any key: these routes are how a client gets one
+            if self._oauth is None:
+                raise not_found()
+            return await self._oauth.handle(request, route, client)
+        # An OAuth access token is accepted for its own server's MCP route only (gateway.auth).
+        resource = route.server if route.kind == "mcp" else None
         principal = await self._auth.authenticate(
-            credential(request.headers), client, self._throttle
+            credential(request.headers), client, self._throttle, resource=resource
         )
         exchange.principal = principal  # verified: from here on the request is recorded
         policy.check_usable(principal, datetime.now(UTC))

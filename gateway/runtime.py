@@ -23,6 +23,7 @@ from gateway.invalidation import InvalidationListener
 from gateway.keyring import Keyring
 from gateway.keys import KeyHasher
 from gateway.metrics import Metrics
+from gateway.oauth.store import OAuthStore
 from gateway.store import Store
 from gateway.throttle import FailureThrottle, KeyRateLimiter
 from gateway.usage import CallRecorder, LastUsedRecorder
@@ -49,6 +50,8 @@ class Runtime:
     # Call records (None when usage.record_calls is off) and their retention.
     calls: CallRecorder | None
     retention: RetentionTask | None
+    # The OAuth flow's store (SPEC §9); None while gateway.public_url is unset (OAuth off).
+    oauth: OAuthStore | None = None
 
     def refresh_gauges(self) -> None:
         """Gauges that are read off the process rather than counted as things happen."""
@@ -97,6 +100,7 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
     pool = await connect_and_migrate(database_url, settings.database)
     metrics = Metrics()
     store = Store(pool)
+    oauth = OAuthStore(pool) if settings.gateway.public_url else None
     k = settings.keys
     cache = KeyCache(
         max_entries=k.cache_max_entries,
@@ -111,6 +115,7 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         hasher=hasher,
         metrics=metrics,
         verify_concurrency=k.verify_concurrency,
+        tokens=oauth,  # access tokens verify only while OAuth is on
     )
     usage = LastUsedRecorder(
         store.touch_last_used,
@@ -148,6 +153,7 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
         rate_limiter=KeyRateLimiter(),
         calls=calls,
         retention=retention,
+        oauth=oauth,
     )
     await listener.start(wait=settings.database.connect_timeout)
     usage.start()
