@@ -1,4 +1,5 @@
-"""keystile serve | bootstrap | demo | check-config."""
+"""keystile serve | bootstrap | demo | migrate | check-config, and the admin commands
+(keys | users | usage | apply, in keystile.admin_cli)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import asyncpg
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from gateway.metrics import MULTIPROC_ENV
+from keystile import admin_cli
 
 log = logging.getLogger("keystile")
 
@@ -28,7 +30,14 @@ EXIT_FAILURE = 1
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # Before argparse, whose errors would echo the value: a key in argv is already exposed
+    # to every user of the machine, so it is refused rather than used.
+    refusal = admin_cli.refuse_secrets(arguments)
+    if refusal is not None:
+        print(f"keystile: {refusal}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    args = _parser().parse_args(arguments)
     sys.exit(args.func(args))
 
 
@@ -60,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", help="the TOML file to check")
     check.set_defaults(func=cmd_check_config)
+
+    admin_cli.register(commands)  # keys, users, usage, apply: clients of the admin plane
     return parser
 
 
