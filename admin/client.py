@@ -71,6 +71,9 @@ class ApiKey(TypedDict):
     rate_limit: RateLimit | None
     allowed_cidrs: list[str] | None
     tools: list[str] | None
+    kind: Literal["key", "oauth"]  # oauth: a grant an MCP client holds (SPEC §9)
+    client_id: str | None  # an OAuth grant's client
+    client_name: str | None
     user: KeyOwner
 
 

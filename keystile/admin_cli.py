@@ -41,8 +41,9 @@ DEFAULT_URL = "http://127.0.0.1:8081"
 EXIT_OK, EXIT_API, EXIT_USAGE = 0, 1, 2
 STATUSES = ("active", "disabled", "expired", "pending", "revoked")
 GROUP_BY = ("key", "user", "server", "tool", "status", "hour", "day")
-# The secret of a ks1- key: more than the 4 characters a masked prefix shows.
-_SECRET_LIKE = re.compile(r"ks1-[0-9A-Za-z]+-[0-9A-Za-z]+-[0-9A-Za-z]{5,}")
+# The secret of a key (ks1-) or an OAuth token (kso1-, ksr1-): more than the 4 characters a
+# masked prefix shows.
+_SECRET_LIKE = re.compile(r"ks(?:1|o1|r1)-[0-9A-Za-z]+-[0-9A-Za-z]+-[0-9A-Za-z]{5,}")
 KEY_IN_ARGV = (
     "a key on the command line can be read by every user of this machine (ps, "
     f"/proc/<pid>/cmdline); set {ENV_KEY} or pass --admin-key-file PATH"
@@ -191,9 +192,10 @@ def boolean(text: str) -> bool:
 
 
 def key_id(text: str) -> str:
-    """A key id, or its masked prefix as the tables show it (ks1-<user>-<key>-abcd…)."""
+    """A key id, or its masked prefix as the tables show it (ks1-<user>-<key>-abcd…, or an
+    OAuth grant's kso1-<user>-<grant>-…)."""
     parts = text.split("-")
-    if len(parts) == 4 and parts[0] == "ks1":
+    if len(parts) == 4 and parts[0] in ("ks1", "kso1"):
         return parts[2]
     return text
 
@@ -260,11 +262,16 @@ def _owner(key: ApiKey) -> str:
     return key["user"].get("email", key["user_id"])
 
 
+def _name(key: ApiKey) -> str:
+    # An OAuth grant is named after its client: marked, so it is not taken for a key.
+    return f"{key['name']} (oauth)" if key.get("kind") == "oauth" else key["name"]
+
+
 def keys_table(keys: Sequence[ApiKey], now: datetime) -> str:
     rows = [
         (
             k["id"],
-            k["name"],
+            _name(k),
             _owner(k),
             k["prefix"],
             k["status"],
@@ -288,6 +295,7 @@ def key_details(key: ApiKey, now: datetime) -> str:
     fields = [
         ("id", key["id"]),
         ("name", key["name"]),
+        ("kind", key.get("kind", "key")),
         ("user", _owner(key)),
         ("prefix", key["prefix"]),
         ("status", key["status"]),

@@ -709,6 +709,13 @@ def _expiry_problem(spec: KeySpec, key: ApiKey | None, now: datetime) -> Problem
     )
 
 
+def _api_keys(listed: Sequence[ApiKey]) -> list[ApiKey]:
+    """The API keys among the records the keys listing shows: OAuth grants are listed there
+    too (SPEC §9), but a person approved each on a consent page and no file can declare one,
+    so apply neither matches nor prunes them."""
+    return [k for k in listed if k.get("kind", "key") == "key"]
+
+
 def _prune_items(desired: Desired, state: State, prune: bool) -> tuple[list[Item], list[str]]:
     """The live keys of the users the file names ([[users]] or a key's `user`) that it does
     not list: revoked with prune, else mentioned. Never the calling key, nothing of others."""
@@ -718,7 +725,9 @@ def _prune_items(desired: Desired, state: State, prune: bool) -> tuple[list[Item
     items: list[Item] = []
     notes: list[str] = []
     unlisted = 0
-    for key in sorted(state.keys, key=lambda k: (emails.get(k["user_id"], ""), k["name"])):
+    for key in sorted(
+        _api_keys(state.keys), key=lambda k: (emails.get(k["user_id"], ""), k["name"])
+    ):
         email = emails.get(key["user_id"])
         if email is None or email.casefold() not in named:
             continue
@@ -760,7 +769,7 @@ def make_plan(desired: Desired, state: State, *, prune: bool) -> tuple[Plan, lis
         user = users.get(spec.ident)
         items.append(_user_item(spec, user))
         _guard_caller(spec, state, problems)
-    live = {(k["user_id"], k["name"]): k for k in state.keys}
+    live = {(k["user_id"], k["name"]): k for k in _api_keys(state.keys)}
     spelled = {spec.ident: spec.email for spec in desired.users}
     for key_spec in desired.keys:
         owner = users.get(key_spec.user.casefold())

@@ -11,7 +11,7 @@ import json
 import stat
 import tomllib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,12 @@ import pytest
 
 from admin.client import ApiKey, KeystileAdmin, User
 from gateway import keys
+from gateway.keys import new_id
+from gateway.models import Principal
+from gateway.oauth.store import GrantPlan, OAuthStore
 from keystile import apply
 from tests.support import Keystile, make_admin
-from tests.test_admin_cli import Cli, Run
+from tests.test_admin_cli import Cli, Run, rows
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "apply.example.toml"
 
@@ -243,8 +246,33 @@ servers = ["github"]
 """
 
 
+async def oauth_grant(ks: Keystile, user_id: str, approving_key_id: str) -> str:
+    """A grant an MCP client would hold after its consent page (SPEC §9), made through the
+    OAuth store as the token endpoint makes it."""
+    runtime = ks.runtime
+    store = OAuthStore(runtime.pool)
+    await store.register_client("client-1", "Inspector", ["http://127.0.0.1/cb"], "127.0.0.1")
+    user = await runtime.store.user(ks.actor.workspace_id, user_id)
+    key = await runtime.store.key(ks.actor.workspace_id, approving_key_id)
+    workspace = await runtime.store.workspace(ks.actor.workspace_id)
+    assert user is not None and key is not None and workspace is not None
+    plan = GrantPlan(
+        grant_id=new_id(),
+        approver=Principal(key, user, workspace),
+        client_id="client-1",
+        client_name="Inspector",
+        server="github",
+        expires_at=datetime.now(UTC) + timedelta(days=1),
+        tools=None,
+        rate_limit=None,
+        allowed_cidrs=None,
+    )
+    grant = await store.create_grant(plan, b"no code", [])
+    return grant.id
+
+
 async def test_prune_revokes_only_the_named_users_unlisted_keys(
-    cli: Cli, admin: KeystileAdmin, tmp_path: Path
+    keystile: Keystile, cli: Cli, admin: KeystileAdmin, tmp_path: Path
 ) -> None:
     alice = await admin.users.create("alice@example.com", servers=["github"])
     bob = await admin.users.create("bob@example.com", servers=["github"])
@@ -252,6 +280,8 @@ async def test_prune_revokes_only_the_named_users_unlisted_keys(
         name: await admin.keys.create(name, ["github"], user_id=alice["id"])
         for name in ("keep", "old", "old-disabled", "gone")
     }
+    # Not in the file, yet never pruned: no file can declare a grant.
+    grant = await oauth_grant(keystile, alice["id"], made["keep"]["id"])
     await admin.keys.disable(made["old-disabled"]["id"])
     await admin.keys.delete(made["gone"]["id"])  # already revoked: nothing to do
     others = await admin.keys.create("other", ["github"], user_id=bob["id"])
@@ -271,12 +301,21 @@ async def test_prune_revokes_only_the_named_users_unlisted_keys(
     ]
     assert "Plan: 0 to create, 0 to update, 2 to revoke, 3 unchanged." in pruned.out
     status = {k["name"]: k["status"] for k in await admin.keys.fetch_all(all=True)}
-    assert status == {"keep": "active", "other": "active", "admin key": "active"}
+    assert status == {
+        "keep": "active",
+        "other": "active",
+        "admin key": "active",
+        "Inspector": "active",
+    }
+    assert (await admin.keys.fetch(grant))["kind"] == "oauth"
     assert (await admin.keys.fetch(others["id"]))["status"] == "active"
     for name in ("old", "old-disabled", "gone"):
         assert (await admin.keys.fetch(made[name]["id"]))["status"] == "revoked"
-    again = await cli("apply", "-f", path, "--prune")
+    again, listed = await asyncio.gather(
+        cli("apply", "-f", path, "--prune"), cli("keys", "list", "--user", "alice@example.com")
+    )
     assert again.out.endswith("No changes.\n")
+    assert {row["NAME"] for row in rows(listed.out)} == {"keep", "Inspector (oauth)"}
 
 
 # --- invalid files ---
