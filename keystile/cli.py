@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     refusal = admin_cli.refuse_secrets(arguments)
     if refusal is not None:
         print(f"keystile: {refusal}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(admin_cli.EXIT_USAGE)
     args = _parser().parse_args(arguments)
     sys.exit(args.func(args))
 

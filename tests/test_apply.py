@@ -592,10 +592,12 @@ name = "root"
 servers = ["gitlab", "github", "github"]
 permissions = ["admin", "chat", "mcp", "mcp"]
 expires_at = 2030-06-01T02:00:00+02:00
-allowed_cidrs = ["10.9.9.9/8"]
-tools = ["github/*", "github/*"]
+allowed_cidrs = ["192.168.1.1/16", "10.9.9.9/8"]
+tools = ["gitlab/*", "github/*", "github/*"]
 """
-    plan, problems = _plan(text, _state([_user()], [_key()]))
+    # Order carries no meaning in tools and CIDRs: the page may have stored another one.
+    stored = _key(tools=["github/*", "gitlab/*"], allowed_cidrs=["10.0.0.0/8", "192.168.0.0/16"])
+    plan, problems = _plan(text, _state([_user()], [stored]))
     assert not problems
     assert [item.verb for item in plan.items] == ["unchanged", "unchanged"]
     assert not plan.changes_anything and plan.notes == ()
