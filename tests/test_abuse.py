@@ -154,7 +154,7 @@ async def test_what_is_remembered_of_credentials_is_bounded_and_holds_no_key(
     secrets = {token.rsplit("-", 1)[1] for token in seen}
     for digest, ref in remembered.items():
         assert len(digest) == 16
-        assert set(ref.__slots__) == {"user_id", "key_id", "fingerprint"}
+        assert set(ref.__slots__) <= {"user_id", "key_id", "fingerprint", "kind"}
         assert ref.user_id not in secrets and ref.key_id not in secrets
 
 

@@ -912,14 +912,14 @@ async def test_a_key_error_inside_a_change_is_500_not_404(
     """Only a missing row answers 404: a KeyError raised by a bug mid-change is a 500."""
     _, key = await member_actor(keystile)
     made = await create(keystile, key, name="k")
-    real_audit = store_module._audit
+    real_audit = store_module.audit
 
     async def buggy_audit(conn: Any, actor: Actor, act: str, *rest: Any) -> None:
         if act == action:  # inside the change's transaction, as a real bug would be
             raise KeyError("a bug, not a missing row")
         await real_audit(conn, actor, act, *rest)
 
-    monkeypatch.setattr(store_module, "_audit", buggy_audit)
+    monkeypatch.setattr(store_module, "audit", buggy_audit)
     status, answer = await call(keystile, method, f"/api/keys/{made['id']}{sub}", key, body)
     monkeypatch.undo()
     assert status == 500 and answer["error"] == "internal_error", answer
