@@ -379,7 +379,7 @@ _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
 def _rate(value: Any) -> Any:
-    """ "100/60" is accepted beside {requests = 100, per_seconds = 60}, as the CLI takes it."""
+    """Also "100/60" beside {requests = 100, per_seconds = 60}, as the CLI takes it."""
     if isinstance(value, str) and (found := _RATE.fullmatch(value)):
         return {"requests": int(found.group(1)), "per_seconds": int(found.group(2))}
     return value
@@ -448,13 +448,15 @@ def _check_relations(
     """Duplicates, keys of unknown users, and `admin` only for keys of admin users: on the
     entries as written, so an entry with a problem of its own is still compared."""
     roles: dict[str, object] = {k: u["role"] for k, u in c.state.user_by_email().items()}
-    seen_users: dict[str, int] = {}
+    seen_users: dict[str, int] = {}  # -> the index of its first entry
     for index, entry in enumerate(users):
         if (email := _text(entry, "email")) is None:
             continue
-        line = c.found.of("users", index)
-        if (first := seen_users.setdefault(email.casefold(), line)) != line:
-            c.problem(line, f"user {email}: listed twice (first at line {first})")
+        if (first := seen_users.setdefault(email.casefold(), index)) != index:
+            c.problem(
+                c.found.of("users", index),
+                f"user {email}: listed twice (first at line {c.found.of('users', first)})",
+            )
         roles[email.casefold()] = entry.get("role", "member")
     seen_keys: dict[tuple[str, str], int] = {}
     for index, entry in enumerate(keys):
@@ -462,8 +464,9 @@ def _check_relations(
         if user is None or name is None:
             continue
         subject, line = f"key {name!r} of {user}", c.found.of("keys", index)
-        if (first := seen_keys.setdefault((user.casefold(), name), line)) != line:
-            c.problem(line, f"{subject}: listed twice (first at line {first})")
+        if (first := seen_keys.setdefault((user.casefold(), name), index)) != index:
+            where = c.found.of("keys", first)
+            c.problem(line, f"{subject}: listed twice (first at line {where})")
         permissions = entry.get("permissions")
         wants_admin = isinstance(permissions, list) and "admin" in permissions
         if user.casefold() not in roles:

@@ -625,3 +625,11 @@ servers = ["*"]
         (2, "role"),  # no role line: the table's
         (6, "permissions"),
     ]
+
+
+def test_duplicates_are_found_in_inline_tables_too() -> None:
+    text = 'users = [{email = "a@x"}, {email = "A@x"}]\n'
+    data, _ = apply.parse(text)
+    assert data is not None
+    _, problems = apply.check(data, apply.locate(text), _state([], []))
+    assert problems == [apply.Problem(1, "user A@x: listed twice (first at line 1)")]
