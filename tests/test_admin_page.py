@@ -20,10 +20,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 
+from admin.client import KeystileAdmin, KeystileError
 from gateway.calls import CallRecord
 from gateway.config import UpstreamSettings
 from gateway.keyring import IssuedKey
@@ -34,7 +35,6 @@ from tests.support import (
     FaultyProxy,
     Keystile,
     Upstream,
-    admin_call,
     make_settings,
     start_keystile,
     wait_until,
@@ -255,8 +255,10 @@ async def test_sign_in_with_a_bad_key_then_an_admin_key_and_sign_out(ui: Ui) -> 
     await ui.shot("01-sign-in")
 
     # A bad key: the page shows the API's own message.
-    async with ks.http.get(ks.admin + "/api/keys", headers={"Authorization": "Bearer x"}) as r:
-        api_message = (await r.json())["message"]
+    with pytest.raises(KeystileError) as refused:
+        async with KeystileAdmin(ks.admin, "x") as bad:
+            await bad.keys.fetch_all()
+    api_message = refused.value.message
     await ui.sign_in("ks1-not-a-real-key")
     await expect(page.locator("#sign-in-error")).to_have_text(api_message)
     await ui.shot("02-sign-in-bad-key")
@@ -700,16 +702,18 @@ async def test_create_a_key_with_tools_of_a_real_server(tools_ui: Ui) -> None:
     key = await ui.reveal_and_close()
 
     # The record holds exactly the ticked tools and the pattern.
-    reply = await admin_call(ks, "GET", "/api/keys?all=true", admin)
-    record = next(k for k in reply.body if k["name"] == "agent")
-    assert sorted(record["tools"]) == ["offline/search", "sample/add", "sample/echo"]
+    async with KeystileAdmin(ks.admin, admin) as client:
+        listed = await client.keys.fetch_all(all=True)
+    record = next(k for k in listed if k["name"] == "agent")
+    tools = record["tools"]
+    assert tools is not None and sorted(tools) == ["offline/search", "sample/add", "sample/echo"]
 
     # The table: a count, with the names on hover.
     row = ui.row("agent")
     summary = ui.cell(row, "Tools").locator("[title]")
     await expect(summary).to_contain_text("3 tools")
     await summary.hover()
-    await expect(summary).to_have_attribute("title", "\n".join(record["tools"]))
+    await expect(summary).to_have_attribute("title", "\n".join(tools))
     await expect(ui.cell(ui.row("admin console"), "Tools")).to_have_text("All tools")
     await ui.shot("19-keys-tools")
 
@@ -745,8 +749,8 @@ async def test_create_a_key_with_tools_of_a_real_server(tools_ui: Ui) -> None:
     await dialog.get_by_role("button", name="Save changes").click()
     await expect(dialog).to_be_hidden()
     await expect(ui.cell(row, "Tools")).to_have_text("All tools")
-    reply = await admin_call(ks, "GET", f"/api/keys/{record['id']}", admin)
-    assert reply.body["tools"] is None
+    async with KeystileAdmin(ks.admin, admin) as client:
+        assert (await client.keys.fetch(record["id"]))["tools"] is None
     await until_listed(ks, key, ["echo", "add", "whoami"])
 
 
@@ -755,11 +759,9 @@ async def test_edit_a_keys_tools_and_see_the_apis_422(tools_ui: Ui) -> None:
     page, ks = ui.page, ui.ks
     _, admin = await signed_in_as_admin(ui)
     current = ["sample/echo", "offline/search", "sample/whoami", "sample/a*"]
-    made = await admin_call(
-        ks, "POST", "/api/keys", admin, {"name": "bot", "servers": ["*"], "tools": current}
-    )
-    assert made.status == 201, made.text
-    key_id, key = made.body["id"], made.body["key"]
+    async with KeystileAdmin(ks.admin, admin) as client:
+        made = await client.keys.create("bot", ["*"], tools=current)
+    key_id, key = made["id"], made["key"]
     await page.reload()
     row = ui.row("bot")
     await expect(ui.cell(row, "Tools")).to_contain_text("4 patterns")
@@ -779,11 +781,14 @@ async def test_edit_a_keys_tools_and_see_the_apis_422(tools_ui: Ui) -> None:
     await ui.shot("22-edit-dialog-tools", full_page=False)
 
     # A bad pattern: the API's 422 in the dialog, on the patterns field, which takes focus.
-    expected = await admin_call(ks, "PATCH", f"/api/keys/{key_id}", admin, {"tools": ["x y"]})
-    assert expected.status == 422 and expected.body["field"] == "tools"
+    async with KeystileAdmin(ks.admin, admin) as client:
+        with pytest.raises(KeystileError) as refusal:
+            await client.keys.update(key_id, tools=["x y"])
+    expected = refusal.value
+    assert expected.status == 422 and expected.field == "tools"
     await patterns.fill("offline/search\nx y")
     await dialog.get_by_role("button", name="Save changes").click()
-    await expect(page.locator("#key-error")).to_have_text(expected.body["message"])
+    await expect(page.locator("#key-error")).to_have_text(expected.message)
     await expect(dialog).to_be_visible()
     await expect(patterns).to_have_attribute("aria-invalid", "true")
     assert await ui.focused_id() == "key-tool-patterns"
@@ -1082,10 +1087,16 @@ async def settled(page: Page) -> None:
 
 
 async def api_usage(ks: Keystile, key: str, **params: str) -> dict[str, Any]:
-    reply = await admin_call(ks, "GET", f"/api/usage?{urlencode(params)}", key)
-    assert reply.status == 200, reply.text
-    body: dict[str, Any] = reply.body
-    return body
+    async with KeystileAdmin(ks.admin, key) as client:
+        usage = await client.usage(
+            from_=params.get("from"),
+            group_by=params.get("group_by"),
+            key_id=params.get("key_id"),
+            user_id=params.get("user_id"),
+            server=params.get("server"),
+            tool=params.get("tool"),
+        )
+    return dict(usage)
 
 
 def window_start(days: int) -> str:
@@ -1375,10 +1386,12 @@ async def test_usage_empty_then_an_api_error(database_url: str, browser: Browser
             await ui.shot("35-usage-empty")
 
             await proxy.cut()
-            answer = await admin_call(ks, "GET", "/api/usage?group_by=day", key)
-            assert answer.status == 503, answer.text
+            async with KeystileAdmin(ks.admin, key) as client:
+                with pytest.raises(KeystileError) as outage:
+                    await client.usage(group_by="day")
+            assert outage.value.status == 503
             await usage_filter(page, "Window").select_option("30d")
-            await expect(page.locator("#page-error")).to_have_text(answer.body["message"])
+            await expect(page.locator("#page-error")).to_have_text(outage.value.message)
             await expect(page.locator("#usage-panel")).not_to_have_attribute("aria-busy", "true")
             await expect(page.locator("#usage-empty")).to_be_hidden()
             await ui.shot("36-usage-error")
