@@ -705,15 +705,15 @@ async def test_create_a_key_with_tools_of_a_real_server(tools_ui: Ui) -> None:
     async with KeystileAdmin(ks.admin, admin) as client:
         listed = await client.keys.fetch_all(all=True)
     record = next(k for k in listed if k["name"] == "agent")
-    tools = record["tools"]
-    assert tools is not None and sorted(tools) == ["offline/search", "sample/add", "sample/echo"]
+    saved = record["tools"]
+    assert saved is not None and sorted(saved) == ["offline/search", "sample/add", "sample/echo"]
 
     # The table: a count, with the names on hover.
     row = ui.row("agent")
     summary = ui.cell(row, "Tools").locator("[title]")
     await expect(summary).to_contain_text("3 tools")
     await summary.hover()
-    await expect(summary).to_have_attribute("title", "\n".join(tools))
+    await expect(summary).to_have_attribute("title", "\n".join(saved))
     await expect(ui.cell(ui.row("admin console"), "Tools")).to_have_text("All tools")
     await ui.shot("19-keys-tools")
 
