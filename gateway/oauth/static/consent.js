@@ -53,19 +53,22 @@
     box.type = "checkbox";
     box.id = id;
     box.value = tool.name;
+    const text = document.createElement("div");
     const label = document.createElement("label");
     label.htmlFor = id;
-    const name = document.createElement("span");
-    name.className = "mono";
-    name.textContent = tool.name;
-    label.append(name);
+    label.className = "mono";
+    label.textContent = tool.name;
+    text.append(label);
     if (tool.description) {
+      // Described, not labelled: the checkbox is named by the tool alone.
       const description = document.createElement("span");
+      description.id = `${id}-description`;
       description.className = "description";
       description.textContent = tool.description;
-      label.append(description);
+      box.setAttribute("aria-describedby", description.id);
+      text.append(description);
     }
-    row.append(box, label);
+    row.append(box, text);
     return row;
   }
 
