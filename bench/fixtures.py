@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from gateway.cache import KeyCache
 from gateway.config import DatabaseSettings
 from gateway.db import connect_and_migrate
 from gateway.keyring import Keyring
+from gateway.oauth.store import GrantPlan, NewToken, OAuthStore
 from gateway.store import Actor, Store
 from gateway.usage_store import BUILD_HOURLY, bucket_bounds
 
@@ -173,6 +175,34 @@ async def mint_keys(
             return issued.record.id, issued.key
 
     return list(await asyncio.gather(*(one(n) for n in range(count))))
+
+
+async def mint_oauth_token(pool: asyncpg.Pool, store: Store, *, key_id: str, server: str) -> str:
+    """An OAuth grant approved by key `key_id` for `server`, and an access token of it, minted
+    through the product's OAuth store (the benchmark measures the data plane, not the consent
+    flow). The token lives a day, so a long run never sees it expire."""
+    loaded = await store.load_principal(key_id)
+    assert loaded is not None, key_id
+    approver = loaded[0]
+    oauth = OAuthStore(pool)
+    client_id = keys.new_id()
+    await oauth.register_client(client_id, "bench client", ["http://127.0.0.1/cb"], "127.0.0.1")
+    now = datetime.now(UTC)
+    plan = GrantPlan(
+        grant_id=keys.new_id(),
+        approver=approver,
+        client_id=client_id,
+        client_name="bench client",
+        server=server,
+        expires_at=now + timedelta(days=2),
+        tools=None,
+        rate_limit=None,
+        allowed_cidrs=None,
+    )
+    access = keys.generate(approver.user.id, plan.grant_id, "oauth")
+    token = NewToken(keys.token_hash(access.full), "access", now + timedelta(days=1))
+    await oauth.create_grant(plan, b"", [token])  # no code: nothing to link
+    return access.full
 
 
 FILLER_SQL = """

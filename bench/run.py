@@ -66,6 +66,9 @@ TARGET_RATIO = 0.7
 # A key with a tool policy: what the policy may add to the hot path's CPU per request.
 POLICY_PATTERNS = ("bench/search", "bench/get_*", "!bench/delete_*")
 POLICY_TARGET = 0.15
+# An OAuth access token on the hot path (SPEC §9): verified on the key's cache path, so its
+# CPU per request should equal a key's; "equal" is within this much either way (run noise).
+OAUTH_NOISE = 0.05
 # GET /api/usage for one key over 7 days, on a store of 10M call records: the target (ms).
 USAGE_TARGET_MS = 200.0
 USAGE_USERS = 4
@@ -395,7 +398,7 @@ class Bench:
         for old in target.procs:
             self.stop(old)
         proc = await self.start_keystile("keystile", self.main_url)
-        target.procs[:] = [proc]  # shared with keystile_policy: the same process
+        target.procs[:] = [proc]  # shared with keystile_policy and keystile_oauth: one process
         async with clients.session(1) as http:
             for _ in range(5):
                 await clients.post_once(http, target.url, self.hot_key)
@@ -458,6 +461,8 @@ class Bench:
         ):
             gw, adm = free_port(), free_port()
             self._gw_ports[name], self.admin_ports[name] = gw, adm
+            # OAuth on, as a gateway serving hosted MCP clients runs: keys pay nothing for it.
+            extra += f'public_url = "http://127.0.0.1:{gw}"\n'
             self.keystile_cfg[name] = keystile_config(
                 self.work / f"{name}.toml",
                 gateway=gw,
@@ -485,7 +490,7 @@ class Bench:
         admin = self.admin("keystile")
         user = await admin.create_user("bench@localhost", [SERVER])
         self.user_id, self.workspace_id = user["id"], user["workspace_id"]
-        _, self.hot_key = await admin.create_key(self.user_id, "hot", [SERVER])
+        hot_id, self.hot_key = await admin.create_key(self.user_id, "hot", [SERVER])
         self._script = loadgen.write_script(self.work, self.hot_key)
         self.targets["keystile"] = Target("keystile", self._gw_ports["keystile"], [ks])
         # The same process and request, with a key limited by a 3-pattern tool policy: every
@@ -501,8 +506,17 @@ class Bench:
         )
 
         # Keys that must not be cached yet: minted through the product's Keyring, in-process.
-        pool, _store, keyring = await fixtures.open_store(self.main_url)
+        pool, store, keyring = await fixtures.open_store(self.main_url)
         try:
+            # The same process and request again, with an OAuth access token of a grant the
+            # hot key approved instead of the hot key: the token's cost on the hot path.
+            token = await fixtures.mint_oauth_token(pool, store, key_id=hot_id, server=SERVER)
+            self.targets["keystile_oauth"] = Target(
+                "keystile_oauth",
+                self._gw_ports["keystile"],
+                self.targets["keystile"].procs,
+                loadgen.write_script(self.work, token, name="oauth"),
+            )
             actor = Actor(self.workspace_id)
             minted = await fixtures.mint_keys(
                 keyring,
@@ -623,13 +637,14 @@ class Bench:
 
     async def throughput(self) -> None:
         cfg = self.cfg
-        order = ["reference", "keystile", "keystile_policy", "keystile_no_calls"]
+        order = ["reference", "keystile", "keystile_policy", "keystile_oauth", "keystile_no_calls"]
         order += ["keystile_no_access_log", "keystile_2_workers"]
         order += ["keystile_uvloop"] if cfg.uvloop else []
         order += ["nginx"]
         for name in order:  # warm connections, pools and caches; not recorded
             await self.wrk_once(self.targets[name], cfg.warmup, cfg.load_cpus or None)
-        ks_names = [n for n in order if n.startswith("keystile") and n != "keystile_policy"]
+        shared = ("keystile_policy", "keystile_oauth")  # keystile's own process: one /metrics
+        ks_names = [n for n in order if n.startswith("keystile") and n not in shared]
         metrics_before = {n: await self.admin(n).metrics() for n in ks_names}
         await asyncio.sleep(cfg.stats_settle)
         stats_before = await fixtures.db_stats(self.root_url, MAIN_DB)
@@ -694,6 +709,7 @@ class Bench:
             "target_ratio": TARGET_RATIO,
             "met": ks["cpu_ratio_to_reference"] <= TARGET_RATIO,
             "tool_policy": self._policy_cost(summary, self.results["throughput"]["rounds"]),
+            "oauth_token": self._oauth_cost(summary, self.results["throughput"]["rounds"]),
             "call_records": {
                 "cpu_us_per_req_on": ks["cpu_us_per_req"],
                 "cpu_us_per_req_off": summary["keystile_no_calls"]["cpu_us_per_req"],
@@ -736,15 +752,7 @@ class Bench:
         """The policy's extra CPU: the median over rounds of policy ÷ no policy, each round's
         pair measured back to back on the same process."""
         plain, policy = summary["keystile"], summary["keystile_policy"]
-        per_round: dict[int, dict[str, float]] = {}
-        for row in rounds:
-            per_round.setdefault(row["round"], {})[row["target"]] = row["cpu_us_per_req"]
-        ratios = [
-            r["keystile_policy"] / r["keystile"]
-            for r in per_round.values()
-            if r.get("keystile") and "keystile_policy" in r
-        ]
-        extra = median(ratios) - 1 if ratios else float("nan")
+        extra = paired_extra(rounds, "keystile_policy", "keystile")
         return {
             "patterns": list(POLICY_PATTERNS),
             "cpu_us_per_req_no_policy": plain["cpu_us_per_req"],
@@ -752,6 +760,25 @@ class Bench:
             "extra_cpu": round(extra, 3),
             "target_extra_cpu": POLICY_TARGET,
             "met": extra <= POLICY_TARGET,
+        }
+
+    @staticmethod
+    def _oauth_cost(
+        summary: dict[str, dict[str, Any]], rounds: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """An access token's CPU against the hot key's, paired per round as for the policy;
+        its errors too (every request must be a 200: the token is accepted, not refused)."""
+        key, token = summary["keystile"], summary["keystile_oauth"]
+        difference = paired_extra(rounds, "keystile_oauth", "keystile")
+        return {
+            "cpu_us_per_req_key": key["cpu_us_per_req"],
+            "cpu_us_per_req_token": token["cpu_us_per_req"],
+            "rps_key": key["rps"],
+            "rps_token": token["rps"],
+            "difference": round(difference, 3),
+            "errors": token["errors"],
+            "target": f"equal within +-{OAUTH_NOISE:.0%}",
+            "met": abs(difference) <= OAUTH_NOISE and token["errors"] == 0,
         }
 
     # --- workers ---
@@ -1603,6 +1630,15 @@ class Bench:
                 f"= {policy['extra_cpu']:+.1%}",
                 policy["met"],
             )
+            oauth = hot["oauth_token"]
+            add(
+                "5",
+                "an OAuth access token's CPU us/req vs a key's (median of per-round ratios)",
+                oauth["target"],
+                f"{oauth['cpu_us_per_req_token']} vs {oauth['cpu_us_per_req_key']} us "
+                f"= {oauth['difference']:+.1%}; {oauth['errors']} errors",
+                oauth["met"],
+            )
             lookups = hot["database"]["key_lookups_seen_by_postgres"]
             misses = sum(
                 v["cache_misses_total"]
@@ -1684,6 +1720,16 @@ class Bench:
             print(f"work dir kept: {self.work}")
         else:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def paired_extra(rounds: list[dict[str, Any]], target: str, base: str) -> float:
+    """The median over rounds of target's CPU per request ÷ base's, minus one: each round's
+    pair is measured back to back on the same process, so slow drift cancels out."""
+    per_round: dict[int, dict[str, float]] = {}
+    for row in rounds:
+        per_round.setdefault(row["round"], {})[row["target"]] = row["cpu_us_per_req"]
+    ratios = [r[target] / r[base] for r in per_round.values() if r.get(base) and target in r]
+    return median(ratios) - 1 if ratios else float("nan")
 
 
 def summarise_rounds(
