@@ -138,7 +138,7 @@ class Flow:
         self,
         client_id: str,
         *,
-        redirect_uri: str = CALLBACK,
+        redirect_uri: str | None = CALLBACK,
         server: str = "github",
         state: str = "st-1",
         challenge: str | None = None,

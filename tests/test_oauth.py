@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -321,7 +321,7 @@ async def test_loopback_redirects_match_on_any_port_only(flow: Flow) -> None:
     ],
 )
 async def test_bad_requests_go_back_with_their_state(
-    flow: Flow, overrides: dict[str, str | None], error: str
+    flow: Flow, overrides: dict[str, Any], error: str
 ) -> None:
     client_id = await flow.client()
     if overrides.get("resource"):
@@ -718,6 +718,10 @@ async def test_a_user_who_loses_the_server_gets_401_not_403(flow: Flow) -> None:
     assert refused.body["error_description"] == "The grant's user may no longer reach this server."
 
 
+def _more_than(ks: Keystile, heard: float) -> Callable[[], bool]:
+    return lambda: ks.runtime.metrics.count("invalidations") > heard
+
+
 async def test_revocation_reaches_another_instance(
     flow: Flow, database_url: str, upstream: Upstream
 ) -> None:
@@ -733,7 +737,7 @@ async def test_revocation_reaches_another_instance(
             heard = other.runtime.metrics.count("invalidations")
             tokens = await flow.connect(key.key)
             # The grant's creation is announced too; heard after caching, it would evict.
-            await wait_until(lambda h=heard: other.runtime.metrics.count("invalidations") > h)
+            await wait_until(_more_than(other, heard))
             assert (await other.request("GET", "/mcp-connect/github/", tokens.access))[0] == 200
             assert other.runtime.cache.get(tokens.grant_id) is not None
             if revoke_with == "oauth":
@@ -755,7 +759,7 @@ async def test_revocation_reaches_another_instance(
 async def test_a_grant_is_never_broader_than_the_key_that_approved_it(flow: Flow) -> None:
     ks = flow.ks
     expires = datetime.now(UTC) + timedelta(days=2)
-    limits = {
+    limits: dict[str, Any] = {
         "servers": ("github",),
         "tools": ("github/search_*", "!github/search_secrets"),
         "expires_at": expires,
@@ -833,7 +837,49 @@ async def test_an_admin_key_approves_for_its_own_user_only(flow: Flow) -> None:
     assert listed.body["permissions"] == ["mcp"]  # never `admin` or `keys`, whoever approved
 
 
-# --- audit, logs and throttles -------------------------------------------------------------
+# --- audit, usage, logs and throttles ------------------------------------------------------
+
+
+async def test_a_tokens_requests_are_the_grants_calls(flow: Flow) -> None:
+    """Call records, last-used and the rest name the grant's key id, as for any key."""
+    ks = flow.ks
+    _, key = await approver(ks)
+    tokens = await flow.connect(key.key)
+    assert (await call_tool(flow, tokens, "search_repos"))[0] == 200
+
+    async def recorded() -> list[dict[str, Any]]:
+        reply = await admin_call(ks, "GET", f"/api/calls?key_id={tokens.grant_id}", key.key)
+        calls: list[dict[str, Any]] = reply.body["calls"]
+        return calls
+
+    [call] = await wait_until(recorded, message="the token's call was never recorded")
+    assert (call["key_id"], call["route"], call["server"]) == (tokens.grant_id, "mcp", "github")
+    assert call["tool"] == "search_repos" and call["status"] == 200
+
+    async def used() -> bool:
+        grant = await admin_call(ks, "GET", f"/api/keys/{tokens.grant_id}", key.key)
+        return grant.body["last_used_at"] is not None
+
+    await wait_until(used, message="the grant's last_used_at was never written")
+
+
+async def test_long_expired_oauth_rows_are_pruned(flow: Flow, database_url: str) -> None:
+    _, key = await approver(flow.ks)
+    tokens = await flow.connect(key.key)
+    await flow.approve(key.key)  # a code never exchanged
+    await flow.authorize(await flow.client())  # a consent page never decided
+    for table in ("oauth_requests", "oauth_codes", "oauth_tokens"):
+        await sql(database_url, f"UPDATE {table} SET expires_at = now() - interval '2 days'")
+    store = flow.ks.runtime.oauth
+    assert store is not None
+    assert await store.prune() >= 6  # 2+ requests, 2 codes, an access and a refresh token
+    conn = await asyncpg.connect(database_url)
+    try:
+        for table in ("oauth_requests", "oauth_codes", "oauth_tokens"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await conn.close()
+    assert await flow.mcp(tokens) == 401  # its token went with it
 
 
 async def test_grants_are_audited(flow: Flow, database_url: str) -> None:
