@@ -149,6 +149,8 @@ class DataPlane:
                 raise not_found()
             return await self._oauth.handle(request, route, client)
         # An OAuth access token is accepted for its own server's MCP route only (gateway.auth).
+        # Decision: not for /api/me either, though it only reads: it would show a client that
+        # was granted one server its user's email and every other server the user may reach.
         resource = route.server if route.kind == "mcp" else None
         principal = await self._auth.authenticate(
             credential(request.headers), client, self._throttle, resource=resource
