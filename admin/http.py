@@ -17,6 +17,7 @@ from gateway import policy
 from gateway.auth import credential
 from gateway.db import STORE_UNAVAILABLE
 from gateway.errors import ApiError, forbidden, not_found
+from gateway.errors import invalid as invalid  # the admin modules' 422, one definition
 from gateway.headers import TrustedProxies
 from gateway.models import Principal
 from gateway.runtime import Runtime
@@ -90,10 +91,6 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json"
     )
-
-
-def invalid(field: str, message: str) -> ApiError:
-    return ApiError(422, "invalid_request", f"{field}: {message}", field=field)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
