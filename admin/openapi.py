@@ -146,6 +146,12 @@ KEY_FIELD_SCHEMAS: dict[str, Schema] = {
     },
     "rate_limit": _nullable(_ref("RateLimit")),
     "allowed_cidrs": _nullable(_array(STRING, examples=[["10.0.0.0/8", "2001:db8::/32"]])),
+    "allowed_origins": {
+        **_nullable(_array(STRING, examples=[["https://app.example.com"]])),
+        "description": "Browser origins the key may be used from (a request with another "
+        "Origin gets 403 origin_not_allowed; requests without Origin are not affected). "
+        "null: any.",
+    },
     "is_active": {**BOOLEAN, "description": "false: disabled (reversible). Default true."},
     "tools": {
         **TOOLS,
@@ -258,6 +264,7 @@ def _response_schemas() -> dict[str, Schema]:
                 "revoked_at": _nullable(TIMESTAMP),
                 "rate_limit": _nullable(_ref("RateLimit")),
                 "allowed_cidrs": _nullable(_array(STRING)),
+                "allowed_origins": _nullable(_array(STRING)),
                 "tools": TOOLS,
                 "kind": {
                     "type": "string",

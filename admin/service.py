@@ -33,6 +33,7 @@ KEY_CREATE_FIELDS = frozenset(
         "user_id",
         "rate_limit",
         "allowed_cidrs",
+        "allowed_origins",
         "is_active",
         "tools",
     }
@@ -125,6 +126,7 @@ class KeyAdmin:
                 allowed_cidrs=fields.get("allowed_cidrs"),
                 rate_limit=fields.get("rate_limit"),
                 tools=fields.get("tools"),
+                allowed_origins=fields.get("allowed_origins"),
             )
             narrowing.require_create(caller.principal.key, proposed)
         validate.validity(fields.get("valid_from"), fields.get("expires_at"), datetime.now(UTC))
@@ -142,6 +144,7 @@ class KeyAdmin:
                 allowed_cidrs=fields.get("allowed_cidrs"),
                 is_active=active,
                 tools=fields.get("tools"),
+                allowed_origins=fields.get("allowed_origins"),
             )
         except UniqueViolationError:
             raise name_taken(fields["name"]) from None
@@ -260,6 +263,8 @@ class KeyAdmin:
             fields["rate_limit"] = validate.rate_limit(data)
         if "allowed_cidrs" in data:
             fields["allowed_cidrs"] = validate.cidrs(data)
+        if "allowed_origins" in data:
+            fields["allowed_origins"] = validate.origins(data)
         if "tools" in data:
             fields["tools"] = validate.tools(data, self._servers)
         return fields

@@ -12,6 +12,7 @@ from typing import Any
 from multidict import MultiMapping
 
 from admin.http import invalid
+from gateway.cors import normalise_origin
 from gateway.mcp.patterns import PatternError, check_patterns
 from gateway.models import ALL_SERVERS, PERMISSIONS
 
@@ -21,6 +22,7 @@ MAX_GRACE_SECONDS = 30 * 24 * 3600
 MAX_EMAIL = 320
 MAX_DISPLAY_NAME = 200
 MAX_RATE_LIMIT = 10**9
+MAX_ORIGINS = 100
 MAX_EXPIRES_IN = 10 * 365 * 86400  # seconds, for the better-auth style create route
 AUDIT_MAX_LIMIT = 500
 AUDIT_DEFAULT_LIMIT = 100
@@ -165,6 +167,26 @@ def tools(
     except PatternError as exc:
         raise invalid(field, str(exc)) from None
     return list(checked) if checked is not None else None
+
+
+def origins(data: dict[str, Any], field: str = "allowed_origins") -> list[str] | None:
+    """null (any origin) or a list of browser origins like "https://app.example.com"."""
+    value = data.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise invalid(
+            field, 'expected a list of origins, e.g. ["https://app.example.com"], or null'
+        )
+    if len(value) > MAX_ORIGINS:
+        raise invalid(field, f"at most {MAX_ORIGINS} origins")
+    normalised = []
+    for origin in value:
+        normal = normalise_origin(origin)
+        if normal is None or normal == "null":
+            raise invalid(field, f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        normalised.append(normal)
+    return list(dict.fromkeys(normalised))
 
 
 def validity(valid_from: datetime | None, expires_at: datetime | None, now: datetime) -> None:

@@ -16,6 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.accesslog import access_logger_class, flush_access_log
 from gateway.config import Settings
+from gateway.cors import CorsPolicy
 from gateway.dataplane import DataPlane
 from gateway.listen import (
     Listening,
@@ -79,6 +80,7 @@ async def data_plane(
         rate_limiter=runtime.rate_limiter,
         tools=ToolGuard(settings.mcp_servers, settings.mcp.max_inspect_bytes),
         oauth=_oauth_endpoints(runtime),
+        cors=CorsPolicy(gateway.cors_allowed_origins),
     )
     # auto_decompress off: a compressed request body is forwarded as it came, with its own
     # Content-Encoding, never decompressed and passed on still labelled compressed.

@@ -17,7 +17,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.models import Principal
@@ -115,6 +115,7 @@ class Exchange:
     tool: str | None = None
     bytes_in: int = 0
     body: bytes | None = None  # a request body read whole (never kept past the request)
+    cors: dict[str, str] = field(default_factory=dict)  # CORS headers for the answer
 
     def call_record(self, status: int, duration: float, bytes_out: int, client: str) -> CallRecord:
         assert self.principal is not None

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.cors import normalise_origin
+
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -69,6 +71,9 @@ class GatewaySettings:
     # a trailing slash (it is the OAuth issuer, compared character for character). Empty: the
     # OAuth flow for MCP clients (SPEC §9) is off and its routes answer 404.
     public_url: str = ""
+    # Browser origins whose pages may call the data plane (CORS, SPEC §4); ["*"]: any origin.
+    # Empty: no CORS headers, and preflights are refused (the OAuth endpoints stay open).
+    cors_allowed_origins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +427,22 @@ def _http_url(value: Any) -> str:
     return text.rstrip("/") if text.count("/") > 2 else text
 
 
+def _origins(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError('expected a list of origins like "https://app.example.com", or ["*"]')
+    if "*" in value:
+        if value != ["*"]:
+            raise ValueError('"*" stands alone: every origin')
+        return ("*",)
+    normalised = []
+    for origin in value:
+        normal = normalise_origin(origin)
+        if normal is None:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], no path)")
+        normalised.append(normal)
+    return tuple(dict.fromkeys(normalised))
+
+
 def _public_url(value: Any) -> str:
     """An http(s) origin, without its trailing slash; empty for "OAuth off".
 
@@ -479,6 +500,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "upstream_max_connections"): _integer(1, 100_000),
     ("gateway", "max_connections"): _integer(1, 1_000_000),
     ("gateway", "public_url"): _public_url,
+    ("gateway", "cors_allowed_origins"): _origins,
     ("throttle", "failures_per_client"): _integer(0),
     ("throttle", "failures_per_key"): _integer(0),
     ("throttle", "window_seconds"): _number(0, exclusive=True),

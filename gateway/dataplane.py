@@ -18,6 +18,7 @@ from gateway.accesslog import EXCHANGE
 from gateway.auth import Authenticator, credential
 from gateway.calls import Exchange, mcp_names, request_id
 from gateway.config import UpstreamSettings
+from gateway.cors import CorsPolicy, is_preflight, normalise_origin
 from gateway.errors import ApiError, not_found
 from gateway.mcp.guard import ToolGuard
 from gateway.mcp.patterns import effective_patterns
@@ -55,6 +56,7 @@ class DataPlane:
         rate_limiter: KeyRateLimiter,
         tools: ToolGuard,
         oauth: OAuthEndpoints | None = None,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self._servers = servers
         self._server_names = frozenset(servers)
@@ -69,6 +71,7 @@ class DataPlane:
         self._limiter = rate_limiter
         self._tools = tools
         self._oauth = oauth  # None: OAuth off (gateway.public_url unset), its routes 404
+        self._cors = cors or CorsPolicy(())
         self._trusted = forwarder.trusted
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -76,12 +79,22 @@ class DataPlane:
         exchange = Exchange(request_id(request.headers.get("X-Request-Id")), time.time())
         request[EXCHANGE] = exchange  # for the access log
         route: paths.Route | None = None
+        response: web.StreamResponse
         try:
             route = paths.route(request.raw_path)
             exchange.route = route.kind
             if route.server in self._server_names:  # a label: configured names only
                 exchange.server = route.server
-            response = await self._dispatch(request, route, exchange)
+            exchange.cors = self._cors.answer_headers(
+                request.headers.get("Origin"), open_route=route.kind == "oauth"
+            )
+            if is_preflight(request.method, request.headers):  # answered here, never forwarded
+                status, headers = self._cors.preflight(
+                    request.headers, open_route=route.kind == "oauth"
+                )
+                response = web.Response(status=status, headers=headers)
+            else:
+                response = await self._dispatch(request, route, exchange)
         except paths.PathError as exc:
             message = f"The request path is not acceptable: {exc}."
             response = ApiError(400, "bad_path", message).response()
@@ -93,8 +106,9 @@ class DataPlane:
             log.exception("data-plane request failed (incident %s)", incident)
             message = f"Internal error (incident {incident})."
             response = ApiError(500, "internal_error", message).response()
-        if not response.prepared:  # a streamed answer carried it in its head already
+        if not response.prepared:  # a streamed answer carried these in its head already
             response.headers["X-Request-Id"] = exchange.request_id
+            response.headers.update(exchange.cors)
         duration = time.monotonic() - started
         self._metrics.request(exchange.route, exchange.server, response.status, duration)
         if exchange.principal is not None:
@@ -156,6 +170,8 @@ class DataPlane:
             credential(request.headers), client, self._throttle, resource=resource
         )
         exchange.principal = principal  # verified: from here on the request is recorded
+        if principal.key.allowed_origins is not None:
+            _require_origin(principal, request.headers.get("Origin"))
         policy.check_usable(principal, datetime.now(UTC))
         key = principal.key
         if key.allowed_cidrs is not None:
@@ -172,7 +188,11 @@ class DataPlane:
             response = _json(_me(principal, self._server_names))
             response.headers.update(limit_headers or {})
             return response
-        answer_headers = {"X-Request-Id": exchange.request_id, **(limit_headers or {})}
+        answer_headers = {
+            "X-Request-Id": exchange.request_id,
+            **(limit_headers or {}),
+            **exchange.cors,
+        }
         transform: TransformFactory | None = None
         body_check = None
         if route.kind == "mcp":
@@ -205,6 +225,7 @@ class DataPlane:
             plain_answer=body_check is not None,
             label=route.server if route.kind == "mcp" else "",
             response_headers=answer_headers,
+            own_cors=self._cors.configured or bool(exchange.cors),
             observed=exchange,
         )
 
@@ -229,6 +250,16 @@ def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
         return EndpointRewriter(target)
 
     return for_answer
+
+
+def _require_origin(principal: Principal, origin: str | None) -> None:
+    """A key with allowed_origins works from those browser origins only; a request without
+    an Origin (no browser page made it) is not affected."""
+    allowed = principal.key.allowed_origins
+    if origin is None or allowed is None:
+        return
+    if normalise_origin(origin) not in allowed:
+        raise ApiError(403, "origin_not_allowed", "The API key may not be used from this origin.")
 
 
 def _identity(principal: Principal, request_id: str) -> tuple[tuple[str, str], ...]:

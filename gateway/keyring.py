@@ -105,6 +105,7 @@ class Keyring:
         allowed_cidrs: Sequence[str] | None = None,
         is_active: bool = True,
         tools: Sequence[str] | None = None,
+        allowed_origins: Sequence[str] | None = None,
     ) -> IssuedKey:
         key_id = keys.new_id()
         minted = keys.generate(user_id, key_id)
@@ -124,6 +125,7 @@ class Keyring:
             allowed_cidrs=allowed_cidrs,
             is_active=is_active,
             tools=tools,
+            allowed_origins=allowed_origins,
         )
         return IssuedKey(record, minted.full)
 

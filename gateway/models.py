@@ -79,6 +79,7 @@ class ApiKey:
     revoked_at: datetime | None
     rate_limit: dict[str, int] | None = None
     allowed_cidrs: tuple[str, ...] | None = None
+    allowed_origins: tuple[str, ...] | None = None  # browser origins (SPEC §4); None = any
     tools: tuple[str, ...] | None = None  # tool patterns (SPEC §6); None = every tool
     kind: KeyKind = "key"
     client_id: str | None = None  # an OAuth grant's client, and its name when approved
@@ -119,6 +120,7 @@ class ApiKey:
             "revoked_at": iso(self.revoked_at),
             "rate_limit": self.rate_limit,
             "allowed_cidrs": list(self.allowed_cidrs) if self.allowed_cidrs is not None else None,
+            "allowed_origins": _listed(self.allowed_origins),
             "tools": list(self.tools) if self.tools is not None else None,
             "kind": self.kind,
             "client_id": self.client_id,
@@ -155,6 +157,10 @@ class VerifiedAccess:
     hashes: KeyHashes  # the grant's (a marker no key verifies against): its cache generation
     expires_at: datetime
     server: str  # the one server the token is for
+
+
+def _listed(values: tuple[str, ...] | None) -> list[str] | None:
+    return list(values) if values is not None else None
 
 
 def iso(value: datetime | None) -> str | None:

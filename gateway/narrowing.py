@@ -38,6 +38,7 @@ class Reach:
     allowed_cidrs: Sequence[str] | None = None
     rate_limit: Mapping[str, int] | None = None
     tools: Sequence[str] | None = None
+    allowed_origins: Sequence[str] | None = None
 
     @classmethod
     def of(cls, key: ApiKey) -> Reach:
@@ -48,6 +49,7 @@ class Reach:
             key.allowed_cidrs,
             key.rate_limit,
             key.tools,
+            key.allowed_origins,
         )
 
     def changed(self, changes: Mapping[str, Any]) -> Reach:
@@ -147,6 +149,13 @@ def _names(values: Sequence[str]) -> str:
     return ", ".join(values) if values else "none"
 
 
+def origins_within(proposed: Sequence[str] | None, bound: Sequence[str] | None) -> bool:
+    # None means from any origin; origins are stored as browsers send them (gateway.cors).
+    if bound is None:
+        return True
+    return proposed is not None and set(proposed) <= set(bound)
+
+
 def _rate(limit: Mapping[str, int]) -> str:
     return f"{limit['requests']} requests per {limit['per_seconds']} s"
 
@@ -171,6 +180,12 @@ RULES = (
         rate_within,
         "must be set and no looser (in requests, or per second) than the calling key's",
         _rate,
+    ),
+    Rule(
+        "allowed_origins",
+        origins_within,
+        "must be set, every origin one of the calling key's allowed_origins",
+        _names,
     ),
     Rule(
         "tools",
@@ -206,7 +221,7 @@ def inherited_bounds(caller: ApiKey) -> dict[str, Any]:
     """The calling key's own limits, for a new key whose request leaves them out."""
     reach = Reach.of(caller)
     inherited: dict[str, Any] = {}
-    for field in ("expires_at", "allowed_cidrs", "rate_limit", "tools"):
+    for field in ("expires_at", "allowed_cidrs", "rate_limit", "tools", "allowed_origins"):
         value = getattr(reach, field)
         if value is not None:
             inherited[field] = (

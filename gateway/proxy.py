@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway.config import GatewaySettings
+from gateway.cors import is_cors_header
 from gateway.errors import ApiError
 from gateway.headers import (
     TrustedProxies,
@@ -112,9 +113,11 @@ class Forwarder:
         response_headers: Mapping[str, str] | None = None,
         label: str = "",
         observed: Observed | None = None,
+        own_cors: bool = False,
     ) -> web.StreamResponse:
         """Forward `request` to `url` (`label`: the configured server, for metrics;
-        `observed` learns the request body's size, and the body if it was read whole).
+        `observed` learns the request body's size, and the body if it was read whole;
+        `own_cors`: the upstream's Access-Control-* headers give way to the gateway's).
 
         `body_check`, if given, judges a POST body (read whole) before anything goes upstream;
         `transform`, if given, may rewrite the answer's body (see gateway.transform);
@@ -157,7 +160,7 @@ class Forwarder:
             self._metrics.upstream_headers(label, time.monotonic() - sent)
             async with upstream:
                 return await self._stream_back(
-                    request, upstream, transform, response_headers, watch
+                    request, upstream, transform, response_headers, watch, own_cors
                 )
         finally:
             self._watchdog.release(watch)
@@ -282,8 +285,12 @@ class Forwarder:
         transform: TransformFactory | None,
         extra: Mapping[str, str] | None,
         watch: Watch,
+        own_cors: bool = False,
     ) -> web.StreamResponse:
         headers = downstream_response_headers(upstream.headers)
+        if own_cors:
+            for name in [n for n in headers if is_cors_header(n)]:
+                headers.popall(name, None)
         if extra:
             headers.update(extra)
         try:

@@ -43,8 +43,8 @@ class NotFound(Exception):
 KEY_COLUMNS = """
     k.id, k.user_id, k.workspace_id, k.name, k.description, k.servers, k.permissions,
     k.valid_from, k.expires_at, k.is_active, k.secret_prefix, k.created_at, k.updated_at,
-    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs, k.tools, k.kind, k.client_id,
-    k.client_name
+    k.last_used_at, k.revoked_at, k.rate_limit, k.allowed_cidrs, k.allowed_origins, k.tools,
+    k.kind, k.client_id, k.client_name
 """
 _USER_COLUMNS = """
     u.id, u.workspace_id, u.email, u.display_name, u.role, u.is_active, u.created_at,
@@ -103,8 +103,8 @@ INSERT_GRANTS = "INSERT INTO server_grants (user_id, server) SELECT $1, unnest($
 INSERT_KEY = f"""
 INSERT INTO api_keys AS k (id, user_id, workspace_id, name, description, servers, permissions,
                            valid_from, expires_at, secret_hash, secret_prefix, rate_limit,
-                           allowed_cidrs, is_active, tools)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                           allowed_cidrs, is_active, tools, allowed_origins)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
 RETURNING {KEY_COLUMNS}
 """
 KEY_BY_ID = f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = $1 AND k.workspace_id = $2"
@@ -145,6 +145,7 @@ KEY_UPDATABLE = {
     "is_active": "boolean",
     "rate_limit": "jsonb",
     "allowed_cidrs": "text[]",
+    "allowed_origins": "text[]",
     "tools": "text[]",
 }
 USER_UPDATABLE = {
@@ -322,6 +323,7 @@ class Store:
         allowed_cidrs: Sequence[str] | None = None,
         is_active: bool = True,
         tools: Sequence[str] | None = None,
+        allowed_origins: Sequence[str] | None = None,
     ) -> ApiKey:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -341,6 +343,7 @@ class Store:
                 list(allowed_cidrs) if allowed_cidrs is not None else None,
                 is_active,
                 list(tools) if tools is not None else None,
+                list(allowed_origins) if allowed_origins is not None else None,
             )
             assert row is not None
             key = key_of(row)
@@ -639,6 +642,7 @@ def key_of(row: asyncpg.Record) -> ApiKey:
         revoked_at=row["revoked_at"],
         rate_limit=json.loads(rate_limit) if rate_limit is not None else None,
         allowed_cidrs=tuple(cidrs) if cidrs is not None else None,
+        allowed_origins=_optional_tuple(row["allowed_origins"]),
         tools=_tools(row["tools"]),
         kind=row["kind"],
         client_id=row["client_id"],
@@ -648,3 +652,7 @@ def key_of(row: asyncpg.Record) -> ApiKey:
 
 def _tools(values: Sequence[str] | None) -> tuple[str, ...] | None:
     return _shared(values) if values is not None else None
+
+
+def _optional_tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
+    return tuple(values) if values is not None else None

@@ -166,6 +166,7 @@ def plan_grant(
         allowed_cidrs=key.allowed_cidrs,
         rate_limit=key.rate_limit,
         tools=tools,
+        allowed_origins=key.allowed_origins,
     )
     narrowing.require_create(key, reach)
     return GrantPlan(
@@ -178,6 +179,7 @@ def plan_grant(
         tools=tools,
         rate_limit=key.rate_limit,
         allowed_cidrs=key.allowed_cidrs,
+        allowed_origins=key.allowed_origins,
     )
 
 

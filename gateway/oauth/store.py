@@ -84,8 +84,8 @@ SET_CODE_GRANT = "UPDATE oauth_codes SET grant_id = $2 WHERE code_hash = $1"
 INSERT_GRANT = f"""
 INSERT INTO api_keys AS k (id, user_id, workspace_id, name, servers, permissions, expires_at,
                            secret_hash, secret_prefix, rate_limit, allowed_cidrs, tools, kind,
-                           client_id, client_name)
-VALUES ($1, $2, $3, $4, $5, '{{mcp}}', $6, $7, '', $8, $9, $10, 'oauth', $11, $4)
+                           client_id, client_name, allowed_origins)
+VALUES ($1, $2, $3, $4, $5, '{{mcp}}', $6, $7, '', $8, $9, $10, 'oauth', $11, $4, $12)
 RETURNING {KEY_COLUMNS}
 """
 INSERT_TOKEN = """
@@ -190,6 +190,7 @@ class GrantPlan:
     tools: Sequence[str] | None
     rate_limit: Mapping[str, int] | None
     allowed_cidrs: Sequence[str] | None
+    allowed_origins: Sequence[str] | None = None
 
 
 class OAuthStore:
@@ -322,6 +323,7 @@ class OAuthStore:
                 list(plan.allowed_cidrs) if plan.allowed_cidrs is not None else None,
                 list(plan.tools) if plan.tools is not None else None,
                 plan.client_id,
+                list(plan.allowed_origins) if plan.allowed_origins is not None else None,
             )
             assert row is not None
             await conn.execute(SET_CODE_GRANT, code_hash, plan.grant_id)
