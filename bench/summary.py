@@ -91,7 +91,71 @@ def render(r: dict[str, Any]) -> str:
             f"{big['slow_reader']['peak_rss_growth_mib']} MiB.",
             "",
         ]
+    out += _hot_path(r) + _usage_query(r) + _targets(r)
     return "\n".join(out)
+
+
+def _hot_path(r: dict[str, Any]) -> list[str]:
+    hot = r.get("hot_path", {})
+    if "tool_policy" not in hot:
+        return []
+    policy, calls = hot["tool_policy"], hot["call_records"]
+    out = [
+        "### The hot path's variants (same process, same request)",
+        "",
+        "| | CPU µs/req | vs. the plain key |",
+        "|---|---|---|",
+        f"| a key, no tool policy | {policy['cpu_us_per_req_no_policy']} | — |",
+        f"| a key with a 3-pattern tool policy | {policy['cpu_us_per_req_policy']} | "
+        f"{policy['extra_cpu']:+.1%} |",
+    ]
+    oauth = hot.get("oauth")
+    if oauth:
+        out.append(
+            f"| an OAuth access token | {oauth['cpu_us_per_req_token']} | "
+            f"{oauth['difference']:+.1%} |"
+        )
+    out += [
+        "",
+        f"Call records on (the default): {calls['cpu_us_per_req_on']} µs/req = "
+        f"{calls['ratio_to_reference_on']}× the reference; off: {calls['cpu_us_per_req_off']} "
+        f"µs/req = {calls['ratio_to_reference_off']}×. Heap per buffered record: "
+        f"{calls['heap_bytes_per_buffered_record']} B.",
+        "",
+    ]
+    return out
+
+
+def _usage_query(r: dict[str, Any]) -> list[str]:
+    usage = r.get("usage_query", {})
+    if "calls" not in usage:
+        return []
+    out = [
+        "### Usage at volume",
+        "",
+        f"{usage['calls']:,} call records ({usage['tables']['calls']['table_mib']} MiB, indexes "
+        f"{usage['tables']['calls']['indexes_mib']} MiB), "
+        f"{usage['tables']['usage_hourly']['rows']:,} hourly roll-up rows; filled in "
+        f"{usage['fill_seconds']['total']} s. GET /api/usage for the busiest key over 7 days:",
+        "",
+    ]
+    for name, timing in usage.get("one_key_7_days", {}).items():
+        out.append(f"- {name}: median {timing['median_ms']} ms, max {timing['max_ms']} ms")
+    out += ["", "Workspace-wide (no target):", ""]
+    for name, timing in usage.get("informational", {}).items():
+        out.append(f"- {name}: median {timing['median_ms']} ms, max {timing['max_ms']} ms")
+    return [*out, ""]
+
+
+def _targets(r: dict[str, Any]) -> list[str]:
+    checks = r.get("targets", [])
+    if not checks:
+        return []
+    out = ["### Targets", "", "| what | target | measured | met |", "|---|---|---|---|"]
+    for c in checks:
+        met = {True: "met", False: "MISSED", None: "—"}[c["met"]]
+        out.append(f"| {c['what']} | {c['target']} | {c['measured']} | {met} |")
+    return [*out, ""]
 
 
 def main() -> None:
