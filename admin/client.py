@@ -70,6 +70,7 @@ class ApiKey(TypedDict):
     revoked_at: str | None
     rate_limit: RateLimit | None
     allowed_cidrs: list[str] | None
+    allowed_origins: list[str] | None  # browser origins (SPEC §4); None: any
     tools: list[str] | None
     kind: Literal["key", "oauth"]  # oauth: a grant an MCP client holds (SPEC §9)
     client_id: str | None  # an OAuth grant's client
@@ -180,6 +181,7 @@ class KeyOptions(TypedDict, total=False):
     user_id: str | None
     rate_limit: RateLimit | None
     allowed_cidrs: Sequence[str] | None
+    allowed_origins: Sequence[str] | None
     is_active: bool
     tools: Sequence[str] | None
 
@@ -193,6 +195,7 @@ class KeyChanges(TypedDict, total=False):
     expires_at: Moment | None
     rate_limit: RateLimit | None
     allowed_cidrs: Sequence[str] | None
+    allowed_origins: Sequence[str] | None
     is_active: bool
     tools: Sequence[str] | None
 

@@ -70,6 +70,7 @@ async def test_keys_every_method(keystile: Keystile, admin: KeystileAdmin) -> No
         expires_at=expires,
         rate_limit={"requests": 10, "per_seconds": 60},
         allowed_cidrs=["10.1.2.3/8"],
+        allowed_origins=("HTTPS://Widget.Example.com:443", "http://127.0.0.1:3000"),
         tools=["github/search_*"],
     )
     parsed = parse(created["key"])
@@ -77,6 +78,8 @@ async def test_keys_every_method(keystile: Keystile, admin: KeystileAdmin) -> No
     assert created["servers"] == ["github", "gitlab"]  # canonicalised by the API
     assert created["permissions"] == ["mcp", "chat"]
     assert created["allowed_cidrs"] == ["10.0.0.0/8"]
+    # A tuple is sent as a list; origins come back as browsers send them.
+    assert created["allowed_origins"] == ["https://widget.example.com", "http://127.0.0.1:3000"]
     assert created["expires_at"] == expires.isoformat().replace("+00:00", "Z")
     assert created["user"]["email"] == "dev@example.com"
     key_id = created["id"]
@@ -88,10 +91,10 @@ async def test_keys_every_method(keystile: Keystile, admin: KeystileAdmin) -> No
     assert [k["id"] for k in await admin.keys.fetch_all(user_id=member["id"])] == [key_id]
 
     updated = await admin.keys.update(
-        key_id, expires_at=None, tools=None, allowed_cidrs=None, name="ci-2"
+        key_id, expires_at=None, tools=None, allowed_cidrs=None, allowed_origins=None, name="ci-2"
     )
     assert (updated["expires_at"], updated["tools"], updated["name"]) == (None, None, "ci-2")
-    assert updated["allowed_cidrs"] is None
+    assert updated["allowed_cidrs"] is None and updated["allowed_origins"] is None
     assert (await admin.keys.disable(key_id))["status"] == "disabled"
     assert [k["id"] for k in await admin.keys.fetch_all(all=True, status="disabled")] == [key_id]
     assert (await admin.keys.enable(key_id))["status"] == "active"
