@@ -305,6 +305,7 @@ def key_details(key: ApiKey, now: datetime) -> str:
         ("tools", listing(key["tools"])),
         ("rate limit", _rate(key["rate_limit"])),
         ("allowed cidrs", listing(key["allowed_cidrs"], none="any")),
+        ("allowed origins", listing(key["allowed_origins"], none="any")),
         ("valid from", _when(key["valid_from"], now, none="always")),
         ("expires", _when(key["expires_at"], now)),
         ("created", _when(key["created_at"], now)),
@@ -437,6 +438,7 @@ KEY_FIELDS = (
     "expires_at",
     "rate_limit",
     "allowed_cidrs",
+    "allowed_origins",
 )
 
 
@@ -748,6 +750,13 @@ def _key_flags(parser: argparse.ArgumentParser, *, creating: bool) -> None:
     )
     parser.add_argument(
         "--allowed-cidrs", type=nullable(names), metavar="CIDR,...|none", help="client networks"
+    )
+    parser.add_argument(
+        "--allowed-origins",
+        type=nullable(names),
+        metavar="ORIGIN,...|none",
+        help="browser origins the key works from, like https://app.example.com (requests "
+        "without an Origin are not affected); none: any",
     )
 
 

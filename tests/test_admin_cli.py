@@ -124,6 +124,7 @@ async def test_keys_create_prints_the_secret_alone_and_list_and_show_it(
         "--tools", "github/search_*,!github/delete_*", "--expires", "30d",
         "--description", "deploy bot", "--rate-limit", "100/1m",
         "--allowed-cidrs", "127.0.0.0/8",
+        "--allowed-origins", "HTTPS://App.Example.com:443, http://127.0.0.1:3000",
     )  # fmt: skip
     assert created.code == 0, created.err
     secret = created.out.removesuffix("\n")
@@ -136,6 +137,7 @@ async def test_keys_create_prints_the_secret_alone_and_list_and_show_it(
     assert record["tools"] == ["github/search_*", "!github/delete_*"]
     assert record["rate_limit"] == {"requests": 100, "per_seconds": 60}
     assert (record["description"], record["allowed_cidrs"]) == ("deploy bot", ["127.0.0.0/8"])
+    assert record["allowed_origins"] == ["https://app.example.com", "http://127.0.0.1:3000"]
     expires = datetime.fromisoformat(str(record["expires_at"]))
     assert timedelta(days=29) < expires - datetime.now(UTC) <= timedelta(days=30)
 
@@ -175,6 +177,8 @@ async def test_keys_create_prints_the_secret_alone_and_list_and_show_it(
     assert details["name"] == "ci" and details["user"] == "dev@example.com"
     assert details["expires"] == f"{record['expires_at']} (in 4 weeks)"
     assert details["rate limit"] == "100/60s" and details["last used"] == "never"
+    assert details["allowed origins"] == "https://app.example.com,http://127.0.0.1:3000"
+    assert details["allowed cidrs"] == "127.0.0.0/8"
     assert shown_json.json == record
 
     status, _, _ = await keystile.request("GET", "/api/me", secret)
@@ -191,16 +195,31 @@ async def test_keys_update_toggle_rotate_and_revoke(
         tools=["github/*"],
         rate_limit={"requests": 5, "per_seconds": 1},
         allowed_cidrs=["127.0.0.0/8"],
+        allowed_origins=["https://app.example.com"],
     )
     ident = created["id"]
     cleared = await cli(
         "keys", "update", ident, "--name", "bot-2", "--expires", "never", "--tools", "none",
-        "--rate-limit", "none", "--allowed-cidrs", "none", "--json",
+        "--rate-limit", "none", "--allowed-cidrs", "none", "--allowed-origins", "null", "--json",
     )  # fmt: skip
     assert cleared.code == 0, cleared.err
     body = cleared.json
     assert (body["name"], body["expires_at"], body["tools"]) == ("bot-2", None, None)
-    assert (body["rate_limit"], body["allowed_cidrs"]) == (None, None)
+    assert (body["rate_limit"], body["allowed_cidrs"], body["allowed_origins"]) == (
+        None,
+        None,
+        None,
+    )
+    shown = await cli("keys", "show", ident)
+    assert "allowed origins  any" in shown.out.splitlines()
+    origins = await cli(
+        "keys", "update", ident, "--allowed-origins", "https://b.example,https://a.example:8443"
+    )  # fmt: skip
+    assert origins.code == 0, origins.err
+    assert (await admin.keys.fetch(ident))["allowed_origins"] == [
+        "https://b.example",
+        "https://a.example:8443",
+    ]
 
     changed = await cli(
         "keys", "update", ident, "--description", "nightly", "--permissions", "chat,mcp",
@@ -340,6 +359,9 @@ async def test_exit_codes_and_one_line_messages(
             "keystile: servers: unknown server 'nowhere' (422 invalid_request)"
         ),
         ("keys", "create", "--name", "dup", "--servers", "*"): "(409 conflict)",
+        ("keys", "create", "--name", "w", "--servers", "*", "--allowed-origins", "a.example"): (
+            "keystile: allowed_origins: 'a.example' is not an origin"
+        ),
         ("keys", "list", "--user", "ghost@example.com"): "no user with email ghost@example.com",
         ("keys", "list", "--admin-url", closed): (
             f"keystile: cannot reach the admin plane at {closed}: Connection refused"
