@@ -23,9 +23,9 @@ Four steps, the first three pure (no I/O) and the last through KeystileAdmin:
    does not depend on it (the keys of a user whose step failed are skipped).
 
 A field left out of an entry means its default (permissions ["mcp"], no expiry, no tools
-policy, ...), not "leave as is": the file is the whole truth about what it lists, so taking a
-line out takes the setting away. Keys' `valid_from` and `is_active` are not the file's to say
-and are left alone. apply never deletes users.
+policy, any browser origin, ...), not "leave as is": the file is the whole truth about what it
+lists, so taking a line out takes the setting away. Keys' `valid_from` and `is_active` are not
+the file's to say and are left alone. apply never deletes users.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import Any, Literal, TextIO, TypeVar
 
 from admin import validate
 from admin.client import ApiKey, KeystileAdmin, KeystileError, KeystileUnreachable, User
+from gateway.cors import normalise_origin
 from gateway.errors import ApiError
 
 USER_FIELDS = ("email", "role", "servers", "tools", "display_name")
@@ -58,6 +59,7 @@ KEY_FIELDS = (
     "expires_at",
     "rate_limit",
     "allowed_cidrs",
+    "allowed_origins",
 )
 SECTIONS = ("users", "keys")
 DEFAULT_PERMISSIONS = ("mcp",)
@@ -200,6 +202,7 @@ class KeySpec:
     expires_at: datetime | None
     rate_limit: dict[str, int] | None
     allowed_cidrs: tuple[str, ...] | None
+    allowed_origins: tuple[str, ...] | None  # as browsers send them (gateway.cors)
     line: int
     lines: Mapping[str, int]
 
@@ -418,6 +421,7 @@ def _check_key(c: _Checker, index: int, entry: Mapping[str, Any]) -> KeySpec | N
     expires = rule(lambda: validate.timestamp(data, "expires_at"), None, "expires_at")
     rate = rule(lambda: validate.rate_limit(data), None, "rate_limit")
     cidrs = rule(lambda: validate.cidrs(data), None, "allowed_cidrs")
+    origins = rule(lambda: validate.origins(data), None, "allowed_origins")
     if not ok or user is None or name is None or scope is None or perms is None:
         return None
     if description is None:
@@ -432,6 +436,7 @@ def _check_key(c: _Checker, index: int, entry: Mapping[str, Any]) -> KeySpec | N
         expires_at=expires,
         rate_limit=rate,
         allowed_cidrs=tuple(cidrs) if cidrs is not None else None,
+        allowed_origins=tuple(origins) if origins is not None else None,
         line=c.found.of("keys", index),
         lines=_fields_of(c.found, "keys", index, KEY_FIELDS),
     )
@@ -566,14 +571,17 @@ def _when(value: str | None) -> datetime | None:
 
 
 # Order carries no meaning in these (the API sorts servers and permissions itself).
-_SETS = frozenset({"servers", "permissions", "tools", "allowed_cidrs"})
+_SETS = frozenset({"servers", "permissions", "tools", "allowed_cidrs", "allowed_origins"})
 
 
 def _canonical(name: str, value: Any) -> Any:
     """A field's JSON value in the form two equal settings share, as the API canonicalises:
-    lists that are sets as sets, timestamps as instants (any offset, any precision)."""
+    lists that are sets as sets, timestamps as instants (any offset, any precision), origins
+    as browsers send them (HTTPS://App.example:443 is https://app.example)."""
     if value is None:
         return None
+    if name == "allowed_origins":
+        return frozenset(normalise_origin(origin) or origin for origin in value)
     if name in _SETS:
         return frozenset(value)
     if name == "expires_at":
@@ -647,6 +655,7 @@ def _key_wanted(spec: KeySpec) -> dict[str, Any]:
         "expires_at": _iso(spec.expires_at),
         "rate_limit": spec.rate_limit,
         "allowed_cidrs": _listed(spec.allowed_cidrs),
+        "allowed_origins": _listed(spec.allowed_origins),
     }
 
 

@@ -107,6 +107,7 @@ async def test_the_example_file_is_valid_and_plans_exactly_what_it_says(
     assert '      servers = ["github", "gitlab"]' in fields  # canonical: sorted
     assert '      expires_at = "2099-12-31T00:00:00Z"' in fields
     assert '      rate_limit = {"requests": 600, "per_seconds": 60}' in fields
+    assert '      allowed_origins = ["https://docs.example.com"]' in fields
 
     done = await cli("apply", "-f", str(EXAMPLE))
     assert done.code == 0, done.err
@@ -138,6 +139,11 @@ permissions = ["chat", "mcp"]
 expires_at = 2031-01-01T02:00:00+02:00
 description = "deploys  "
 allowed_cidrs = ["10.1.2.3/8", "192.168.1.0/24"]
+allowed_origins = [
+  "HTTPS://Docs.Example.com:443",
+  "http://127.0.0.1:3000",
+  "https://docs.example.com",
+]
 rate_limit = "100/60"
 
 [[keys]]
@@ -172,6 +178,7 @@ async def test_a_second_run_changes_nothing(
         "2031-01-01T00:00:00Z",
     )
     assert ci["allowed_cidrs"] == ["10.0.0.0/8", "192.168.1.0/24"]
+    assert ci["allowed_origins"] == ["https://docs.example.com", "http://127.0.0.1:3000"]
     assert ci["permissions"] == ["mcp", "chat"]
 
     before = await snapshot(database_url)
@@ -197,6 +204,7 @@ async def test_changes_are_planned_field_by_field_and_applied(
         .replace('rate_limit = "100/60"', "")
         .replace('role = "admin"', 'role = "admin"\ndisplay_name = "Boss"')
         .replace('tools = ["github/*", "gitlab/*", "github/*"]\n', "")
+        .replace('  "HTTPS://Docs.Example.com:443",\n  "http://127.0.0.1:3000",\n', "")
     )
     path = write(tmp_path, changed)
     dry = await cli("apply", "-f", path, "--dry-run")
@@ -209,6 +217,8 @@ async def test_changes_are_planned_field_by_field_and_applied(
         '      display_name: "" -> "Boss"',
         "  ~ update key 'ci' of Dev@Example.com",
         '      rate_limit: {"requests": 100, "per_seconds": 60} -> null',
+        '      allowed_origins: ["https://docs.example.com", "http://127.0.0.1:3000"] ->'
+        ' ["https://docs.example.com"]',
         "  = key 'ops' of boss@example.com (unchanged)",
     ]
     done = await cli("apply", "-f", path)
@@ -219,11 +229,12 @@ async def test_changes_are_planned_field_by_field_and_applied(
         "  granted servers to user Dev@Example.com",
         "  set the tools of user Dev@Example.com",
         "  updated user boss@example.com (display_name)",
-        "  updated key 'ci' of Dev@Example.com (rate_limit)",
+        "  updated key 'ci' of Dev@Example.com (rate_limit, allowed_origins)",
     ]
     dev = await admin.users.find("dev@example.com")
     assert dev is not None and (dev["servers"], dev["tools"]) == (["github"], None)
-    assert (await admin.keys.fetch_all(user_id=dev["id"]))[0]["rate_limit"] is None
+    ci = (await admin.keys.fetch_all(user_id=dev["id"]))[0]
+    assert (ci["rate_limit"], ci["allowed_origins"]) == (None, ["https://docs.example.com"])
     assert (await cli("apply", "-f", path)).out.endswith("No changes.\n")
 
 
@@ -412,6 +423,42 @@ async def test_an_invalid_file_is_refused_whole_with_every_problem_by_line(
     assert missing.code == 2 and "No such file or directory" in missing.err
 
 
+BAD_ORIGINS = """\
+[[keys]]
+user = "admin@x"
+name = "widget"
+servers = ["*"]
+allowed_origins = [
+  "https://docs.example.com",
+  "https://docs.example.com/chat",
+]
+
+[[keys]]
+user = "admin@x"
+name = "other widget"
+servers = ["*"]
+description = "one origin, not in a list"
+allowed_origins = "https://docs.example.com"
+"""
+
+
+async def test_a_bad_origin_is_refused_with_its_line(
+    cli: Cli, database_url: str, tmp_path: Path
+) -> None:
+    path = write(tmp_path, BAD_ORIGINS)
+    before = await snapshot(database_url)
+    run = await cli("apply", "-f", path, "--dry-run")
+    assert run.code == 2 and run.out == "", run
+    assert run.err.splitlines() == [
+        f"{path}:5: key 'widget' of admin@x: allowed_origins: 'https://docs.example.com/chat' is"
+        " not an origin (scheme://host[:port], no path)",
+        f"{path}:15: key 'other widget' of admin@x: allowed_origins: expected a list of origins,"
+        ' e.g. ["https://app.example.com"], or null',
+        f"keystile: apply: {path} is invalid (2 problems); nothing was changed",
+    ]
+    assert await snapshot(database_url) == before
+
+
 # --- secrets ---
 
 
@@ -565,6 +612,7 @@ def _key(**fields: Any) -> ApiKey:
         "revoked_at": None,
         "rate_limit": None,
         "allowed_cidrs": ["10.0.0.0/8"],
+        "allowed_origins": None,
         "tools": ["github/*"],
         "user": {"id": "U1", "email": "root@x"},
     }
@@ -594,9 +642,16 @@ permissions = ["admin", "chat", "mcp", "mcp"]
 expires_at = 2030-06-01T02:00:00+02:00
 allowed_cidrs = ["192.168.1.1/16", "10.9.9.9/8"]
 tools = ["gitlab/*", "github/*", "github/*"]
+allowed_origins = ["HTTP://LOCALHOST:80",
+  "https://App.example.com:443", "https://app.example.com"]
 """
-    # Order carries no meaning in tools and CIDRs: the page may have stored another one.
-    stored = _key(tools=["github/*", "gitlab/*"], allowed_cidrs=["10.0.0.0/8", "192.168.0.0/16"])
+    # Order carries no meaning in tools, CIDRs and origins: the page may have stored another
+    # one; origins compare as browsers send them.
+    stored = _key(
+        tools=["github/*", "gitlab/*"],
+        allowed_cidrs=["10.0.0.0/8", "192.168.0.0/16"],
+        allowed_origins=["https://app.example.com", "http://localhost"],
+    )
     plan, problems = _plan(text, _state([_user()], [stored]))
     assert not problems
     assert [item.verb for item in plan.items] == ["unchanged", "unchanged"]
