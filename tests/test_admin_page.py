@@ -482,6 +482,97 @@ async def test_edit_a_key_and_see_api_errors(ui: Ui) -> None:
     assert outline == "solid"
 
 
+# --- allowed origins (SPEC §4): the browser pages a key works from ---
+
+DOCS, LOCAL = "https://docs.example.com", "http://127.0.0.1:3000"
+
+
+async def origin_status(ks: Keystile, key: str, origin: str) -> tuple[int, Any]:
+    """A data-plane request with this key, as a page on `origin` would make it."""
+    status, _, body = await ks.request(
+        "GET", "/mcp-connect/github/x", key, headers={"Origin": origin}
+    )
+    return status, body
+
+
+async def test_a_keys_allowed_origins_are_set_shown_cleared_and_checked(ui: Ui) -> None:
+    page, ks = ui.page, ui.ks
+    _, admin = await signed_in_as_admin(ui)
+    await ui.button("Create API key").click()
+    dialog = page.locator("#key-dialog")
+    origins = dialog.get_by_label("Allowed origins (one per line)", exact=True)
+    await expect(origins).to_have_value("")
+    await expect(origins).to_have_accessible_description(re.compile("Empty: any site"))
+    await page.get_by_label("Name", exact=True).fill("docs widget")
+    await origins.fill("HTTPS://Docs.Example.com:443\n\n  http://127.0.0.1:3000\n")
+    await origins.scroll_into_view_if_needed()
+    await ui.shot("37-create-dialog-origins", full_page=False)
+    await dialog.get_by_role("button", name="Create API key").click()
+    key = await ui.reveal_and_close()
+
+    # The record holds both, as browsers send them.
+    async with KeystileAdmin(ks.admin, admin) as client:
+        listed = await client.keys.fetch_all(all=True)
+    record = next(k for k in listed if k["name"] == "docs widget")
+    assert record["allowed_origins"] == [DOCS, LOCAL]
+
+    # The table: a count, with the origins on hover; a key without any: "Any".
+    row = ui.row("docs widget")
+    summary = ui.cell(row, "Origins").locator("[title]")
+    await expect(summary).to_contain_text("2 origins")
+    await summary.hover()
+    await expect(summary).to_have_attribute("title", f"{DOCS}\n{LOCAL}")
+    await expect(ui.cell(ui.row("admin console"), "Origins")).to_have_text("Any")
+    wrap = page.locator("#keys-table").locator("xpath=..")
+    scroll = await wrap.evaluate("w => [w.scrollWidth, w.clientWidth]")
+    assert scroll[0] <= scroll[1], "every column, Actions included, in view at 1280 px"
+    await ui.shot("38-keys-origins")
+    await page.set_viewport_size(NARROW)
+    await expect(ui.cell(row, "Origins")).to_contain_text("2 origins")
+    widths = await page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], "no sideways scrolling at 390 px"
+    await ui.shot("39-keys-origins-390")
+    await page.set_viewport_size(WIDE)
+
+    # The data plane: the key works from its pages (and outside a browser), not from others.
+    assert (await origin_status(ks, key, DOCS))[0] == 200
+    assert (await ks.request("GET", "/mcp-connect/github/x", key))[0] == 200
+    status, body = await origin_status(ks, key, "https://copied.example")
+    assert (status, body["error"]) == (403, "origin_not_allowed")
+
+    # Edited: the origins as saved; a bad one gets the API's 422 in the dialog, on the field.
+    await ui.button("Edit docs widget").click()
+    await expect(origins).to_have_value(f"{DOCS}\n{LOCAL}")
+    async with KeystileAdmin(ks.admin, admin) as client:
+        with pytest.raises(KeystileError) as refusal:
+            await client.keys.update(record["id"], allowed_origins=[DOCS, f"{DOCS}/chat"])
+    expected = refusal.value
+    assert expected.status == 422 and expected.field == "allowed_origins"
+    await origins.fill(f"{DOCS}\n{DOCS}/chat")
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(page.locator("#key-error")).to_have_text(expected.message)
+    await expect(dialog).to_be_visible()
+    await expect(origins).to_have_attribute("aria-invalid", "true")
+    assert await ui.focused_id() == "key-origins"
+    await ui.shot("40-edit-dialog-origins-error", full_page=False)
+    async with KeystileAdmin(ks.admin, admin) as client:
+        assert (await client.keys.fetch(record["id"]))["allowed_origins"] == [DOCS, LOCAL]
+
+    # Emptied: any origin, which is null; the key now works from any page.
+    await origins.fill("")
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(dialog).to_be_hidden()
+    await expect(ui.cell(row, "Origins")).to_have_text("Any")
+    assert await page.evaluate("document.activeElement.ariaLabel") == "Edit docs widget"
+    async with KeystileAdmin(ks.admin, admin) as client:
+        assert (await client.keys.fetch(record["id"]))["allowed_origins"] is None
+
+    async def served_anywhere() -> bool:
+        return (await origin_status(ks, key, "https://copied.example"))[0] == 200
+
+    await wait_until(served_anywhere, message="the key never worked from another origin")
+
+
 # --- users ---
 
 

@@ -184,6 +184,19 @@
     );
   }
 
+  // A key's allowed_origins: null is any origin; [] is none (no browser page may use it).
+  function originsCell(origins) {
+    if (origins === null || origins === undefined) return "Any";
+    if (origins.length === 0) return el("span", { class: "muted" }, "None");
+    const count = `${origins.length} ${origins.length === 1 ? "origin" : "origins"}`;
+    return el(
+      "span",
+      { title: origins.join("\n") },
+      count,
+      el("span", { class: "visually-hidden" }, `: ${origins.join(", ")}`),
+    );
+  }
+
   function notify(text) {
     $("page-error").textContent = "";
     $("notice").textContent = text;
@@ -636,6 +649,7 @@
       ["Key", (k) => el("code", { class: "prefix" }, k.prefix)],
       ["Servers", (k) => serversCell(k.servers)],
       ["Tools", (k) => toolsCell(k.tools)],
+      ["Origins", (k) => originsCell(k.allowed_origins)],
       ["Permissions", (k) => k.permissions.join(", ") || "—"],
       ["Created", (k) => dateCell(k.created_at)],
       ["Last used", lastUsedCell],
@@ -857,6 +871,7 @@
     fillServerPicker($("key-servers"), key ? key.servers : ["*"], { noteUngranted: !state.admin });
     discoveries.clear();
     keyTools.reset(key ? key.tools : null);
+    $("key-origins").value = key && key.allowed_origins ? key.allowed_origins.join("\n") : "";
     const permissions = key ? key.permissions : ["mcp"];
     for (const box of form.querySelectorAll('input[name="permission"]')) {
       box.checked = permissions.includes(box.value);
@@ -872,11 +887,18 @@
       servers: readServerPicker($("key-servers")),
       permissions: [...$("key-permissions").querySelectorAll("input:checked")].map((b) => b.value),
       tools: keyTools.read(),
+      allowed_origins: readOrigins(),
     };
     if (!values.name) throw new Problem("Give the key a name.", 0, "name");
     const expiry = readExpiry();
     if (expiry !== undefined) values.expires_at = expiry;
     return values;
+  }
+
+  // One origin per line; none: any origin (null). The API checks and canonicalises each.
+  function readOrigins() {
+    const origins = [...new Set(patternLines($("key-origins").value))];
+    return origins.length ? origins : null;
   }
 
   function changedFields(key, values) {
@@ -897,6 +919,7 @@
     expires_at: "key-expiry",
     expires_at_date: "key-expiry-date",
     tools: () => keyTools.invalidTarget(),
+    allowed_origins: "key-origins",
   };
 
   async function submitKey(event) {
@@ -918,8 +941,10 @@
         focusKeyAction(updated.id, "edit");
         return;
       }
-      // "All tools" leaves `tools` out: a key limited to some tools then passes its own on.
+      // "All tools" and no origins leave `tools` and `allowed_origins` out: a key limited to
+      // some tools or origins then passes its own on (for any other key, out is null).
       if (values.tools === null) delete values.tools;
+      if (values.allowed_origins === null) delete values.allowed_origins;
       const owner = $("key-owner").value;
       const created = await api("POST", "api/keys", owner ? { ...values, user_id: owner } : values);
       dialog.close();
