@@ -572,6 +572,23 @@ async def test_a_keys_allowed_origins_are_set_shown_cleared_and_checked(ui: Ui) 
 
     await wait_until(served_anywhere, message="the key never worked from another origin")
 
+    # An empty list (no browser page at all) shows as "None", and an edit of another field
+    # leaves it so: the empty origins field does not turn it into null.
+    async with KeystileAdmin(ks.admin, admin) as client:
+        closed = await client.keys.create("server side only", ["github"], allowed_origins=[])
+    await page.reload()
+    none = ui.cell(ui.row("server side only"), "Origins").locator("[title]")
+    await expect(none).to_have_text("None")
+    await expect(none).to_have_attribute("title", "No browser page may use this key")
+    await ui.button("Edit server side only").click()
+    await expect(origins).to_have_value("")
+    await page.get_by_label("Description (optional)", exact=True).fill("cron jobs")
+    await dialog.get_by_role("button", name="Save changes").click()
+    await expect(dialog).to_be_hidden()
+    async with KeystileAdmin(ks.admin, admin) as client:
+        kept = await client.keys.fetch(closed["id"])
+    assert (kept["description"], kept["allowed_origins"]) == ("cron jobs", [])
+
 
 # --- users ---
 

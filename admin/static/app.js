@@ -20,6 +20,7 @@
     keys: [],
   };
   let editing = null; // the key the key dialog edits; null while creating
+  let originsShown = ""; // the origins field as the key dialog opened with it
   let rotating = null; // the key the rotate dialog rotates
   let granting = null; // the user the grants dialog changes
   let toolsOwner = null; // the user whose tools the tools dialog changes
@@ -187,7 +188,9 @@
   // A key's allowed_origins: null is any origin; [] is none (no browser page may use it).
   function originsCell(origins) {
     if (origins === null || origins === undefined) return "Any";
-    if (origins.length === 0) return el("span", { class: "muted" }, "None");
+    if (origins.length === 0) {
+      return el("span", { class: "muted", title: "No browser page may use this key" }, "None");
+    }
     const count = `${origins.length} ${origins.length === 1 ? "origin" : "origins"}`;
     return el(
       "span",
@@ -872,6 +875,7 @@
     discoveries.clear();
     keyTools.reset(key ? key.tools : null);
     $("key-origins").value = key && key.allowed_origins ? key.allowed_origins.join("\n") : "";
+    originsShown = $("key-origins").value;
     const permissions = key ? key.permissions : ["mcp"];
     for (const box of form.querySelectorAll('input[name="permission"]')) {
       box.checked = permissions.includes(box.value);
@@ -887,8 +891,10 @@
       servers: readServerPicker($("key-servers")),
       permissions: [...$("key-permissions").querySelectorAll("input:checked")].map((b) => b.value),
       tools: keyTools.read(),
-      allowed_origins: readOrigins(),
     };
+    // Left as shown, the origins stay as they are: an empty list (no page at all) shows as an
+    // empty field too, and must not become null (any page) because another field changed.
+    if (!editing || $("key-origins").value !== originsShown) values.allowed_origins = readOrigins();
     if (!values.name) throw new Problem("Give the key a name.", 0, "name");
     const expiry = readExpiry();
     if (expiry !== undefined) values.expires_at = expiry;
