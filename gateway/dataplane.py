@@ -170,9 +170,9 @@ class DataPlane:
             credential(request.headers), client, self._throttle, resource=resource
         )
         exchange.principal = principal  # verified: from here on the request is recorded
+        policy.check_usable(principal, datetime.now(UTC))
         if principal.key.allowed_origins is not None:
             _require_origin(principal, request.headers.get("Origin"))
-        policy.check_usable(principal, datetime.now(UTC))
         key = principal.key
         if key.allowed_cidrs is not None:
             policy.require_address(principal, client)

@@ -284,3 +284,17 @@ async def test_the_oauth_endpoints_are_open_to_every_origin(
         # The MCP routes stay closed to origins nobody configured.
         status, _, _ = await ks.request("OPTIONS", "/mcp-connect/github/", headers=ask)
         assert status == 403
+
+
+async def test_a_dead_key_from_another_origin_is_still_401(with_cors: Keystile) -> None:
+    user = await with_cors.user(servers=["*"])
+    issued = await with_cors.runtime.keyring.create_key(
+        with_cors.actor, user_id=user.id, name="w", allowed_origins=[APP]
+    )
+    await with_cors.runtime.keyring.update_key(
+        with_cors.actor, issued.record.id, {"is_active": False}
+    )
+    status, _, body = await with_cors.request(
+        "GET", "/mcp-connect/github/x", issued.key, headers={"Origin": "https://other.example"}
+    )
+    assert status == 401 and body["error"] == "invalid_api_key"  # the key's state comes first
