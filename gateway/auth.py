@@ -156,7 +156,7 @@ class Authenticator:
         self, ref: KeyRef, token: str, client: str, throttle: FailureThrottle
     ) -> Verified | None:
         """Verify within the client's budget: the attempt counts as a failure if it fails."""
-        attempt = throttle.reserve(client, ref.key_id)
+        attempt = await throttle.reserve(client, ref.key_id)
         try:
             verified = None
             if not self._cache.is_known_bad(ref.fingerprint):

@@ -2,9 +2,9 @@
 
 Failures are counted per client and per key id in fixed windows. An attempt that needs the
 store or argon2 first *reserves* a place in its client's budget, so a burst of concurrent
-attempts cannot all pass the check before the first of them fails: a client is never
-verifying more keys at once than it has failures left, nor more than `max_inflight`. Past
-the budget the client (or a key id it has been guessing) gets 429 until the window ends.
+attempts cannot all pass the check before the first of them fails: a client never verifies
+more keys at once than it has failures left (the others wait their turn). Past the budget
+the client (or a key id it has been guessing) gets 429 until the window ends.
 
 Only requests that would need the store or argon2 are refused: a valid key already in the
 cache is never throttled. A client with no failures of its own is never refused because of
@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 
@@ -58,28 +58,29 @@ class _Count:
     started: float
     failures: int = 0
     inflight: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class Attempt:
     """A reserved place in a client's budget, for one verification. Settle it exactly once."""
 
-    __slots__ = ("_throttle", "clean", "client", "key_id")
+    __slots__ = ("_count", "_throttle", "clean", "key_id")
 
     def __init__(
-        self, throttle: FailureThrottle, client: str, key_id: str | None, clean: bool
+        self, throttle: FailureThrottle, count: _Count, key_id: str | None, clean: bool
     ) -> None:
         self._throttle = throttle
-        self.client = client
+        self._count = count  # held, not looked up again: the window may expire meanwhile
         self.key_id = key_id
         # No failures of its own and nothing else in flight: first in the argon2 queue.
         self.clean = clean
 
     def release(self) -> None:
         """The attempt did not fail (it verified, or could not be decided): no count."""
-        self._throttle._settle(self, failed=False)
+        self._throttle._settle(self._count, self.key_id, failed=False)
 
     def failed(self) -> None:
-        self._throttle._settle(self, failed=True)
+        self._throttle._settle(self._count, self.key_id, failed=True)
 
 
 class FailureThrottle:
@@ -90,43 +91,61 @@ class FailureThrottle:
         per_key: int,
         window_seconds: float,
         max_tracked: int,
-        max_inflight: int = 4,
+        max_waiting: int = 1024,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._limits = {"client": per_client, "key": per_key}
         self._window = window_seconds
-        self._max_inflight = max_inflight
+        self._max_waiting = max_waiting
         self._timer = timer
         # (kind, id) -> its window; entries expire with their window.
         self._counts: TTLCache[tuple[str, str], _Count] = TTLCache(
             max_tracked, window_seconds, timer=timer
         )
 
-    def reserve(self, client: str, key_id: str | None) -> Attempt:
-        """A place for one verification, or 429 if this client is over its budget (failures
-        plus attempts in flight), or has failed itself and asks for a key id over budget."""
-        who = client_identity(client)
-        own = self._counts.get(("client", who))
-        if own is not None:
-            self._refuse_client(own)
-            if key_id is not None and own.failures > 0:
-                self._refuse_key(key_id)
-        else:
-            own = self._counts[("client", who)] = _Count(self._timer())
+    async def reserve(self, client: str, key_id: str | None) -> Attempt:
+        """A place for one verification, or 429 if this client has spent its budget, or has
+        failed itself and asks for a key id over budget.
+
+        While the client's remaining budget is spoken for by its attempts in flight, the
+        attempt waits for one of them to settle instead of being refused: a client
+        verifying many new keys at once (a restart, many users behind one address) is slowed
+        to its budget's width, never turned away for it, and a burst of guesses still cannot
+        outrun the failure count.
+        """
+        own = self._count("client", client_identity(client))
+        limit = self._limits["client"]
+        woken = False
+        while True:
+            try:
+                self._refuse_spent(own, key_id)
+            except ApiError:
+                if woken:
+                    _wake_one(own)  # refused on its turn: the next one waiting is told too
+                raise
+            if limit <= 0 or own.failures + own.inflight < limit:
+                break
+            if len(own.waiters) >= self._max_waiting:
+                raise too_many_attempts(1)
+            await self._wait(own)
+            woken = True
         clean = own.failures == 0 and own.inflight == 0
         own.inflight += 1
-        return Attempt(self, who, key_id, clean)
+        return Attempt(self, own, key_id, clean)
 
     def failed(self, client: str) -> None:
         """A failure that needed no verification (a malformed key): count it, or 429 if the
-        client is over its budget already."""
-        self.reserve(client, None).failed()
+        client has spent its budget already."""
+        own = self._count("client", client_identity(client))
+        self._refuse_spent(own, None)
+        own.failures += 1
 
-    def _refuse_client(self, own: _Count) -> None:
+    def _refuse_spent(self, own: _Count, key_id: str | None) -> None:
         limit = self._limits["client"]
-        over_budget = limit > 0 and own.failures + own.inflight >= limit
-        if over_budget or own.inflight >= self._max_inflight:
+        if limit > 0 and own.failures >= limit:
             raise too_many_attempts(self._retry_after(own))
+        if key_id is not None and own.failures > 0:
+            self._refuse_key(key_id)
 
     def _refuse_key(self, key_id: str) -> None:
         limit = self._limits["key"]
@@ -135,8 +154,6 @@ class FailureThrottle:
             raise too_many_attempts(self._retry_after(entry))
 
     def _retry_after(self, entry: _Count) -> float:
-        if entry.failures == 0:  # refused for attempts in flight: they end in milliseconds
-            return 1
         return entry.started + self._window - self._timer()
 
     def _count(self, kind: str, ident: str) -> _Count:
@@ -145,13 +162,34 @@ class FailureThrottle:
             entry = self._counts[(kind, ident)] = _Count(self._timer())
         return entry
 
-    def _settle(self, attempt: Attempt, *, failed: bool) -> None:
-        own = self._count("client", attempt.client)
+    @staticmethod
+    async def _wait(own: _Count) -> None:
+        turn = asyncio.get_running_loop().create_future()
+        own.waiters.append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                _wake_one(own)  # woken just as it was cancelled: pass the turn on
+            else:
+                own.waiters.remove(turn)
+            raise
+
+    def _settle(self, own: _Count, key_id: str | None, *, failed: bool) -> None:
         own.inflight = max(0, own.inflight - 1)
         if failed:
             own.failures += 1
-            if attempt.key_id is not None:
-                self._count("key", attempt.key_id).failures += 1
+            if key_id is not None:
+                self._count("key", key_id).failures += 1
+        _wake_one(own)
+
+
+def _wake_one(own: _Count) -> None:
+    while own.waiters:
+        turn = own.waiters.popleft()
+        if not turn.done():
+            turn.set_result(None)
+            return
 
 
 class VerifyQueue:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway import auth, keys
+from gateway.errors import ApiError
 from gateway.keyring import IssuedKey
 from gateway.throttle import FailureThrottle, VerifyQueue, client_identity
 from tests.support import Keystile, Upstream, admin_call, make_settings, start_keystile
@@ -73,9 +74,9 @@ async def test_a_spray_of_wrong_secrets_cannot_lock_the_owner_out(proxied: Keyst
         await asyncio.gather(*sprayers)
     assert owner == [200] * 15
     assert 401 in attack_statuses and set(attack_statuses) <= {401, 429}
-    # Bounded: the key id's budget, plus each attacking address's first wave (its
+    # Bounded: the key id's budget, plus each attacking address's first wave (its five
     # attempts in flight), plus the owner's verifications.
-    bound = BUDGET["failures_per_key"] + 4 * len(attackers) + 15
+    bound = BUDGET["failures_per_key"] + 5 * len(attackers) + 15
     assert proxied.runtime.metrics.count("argon2_verifications") <= bound
 
 
@@ -169,24 +170,48 @@ def test_ipv6_clients_are_counted_per_64() -> None:
     assert client_identity("not an address") == "not an address"
 
 
-def test_a_reservation_counts_until_settled() -> None:
+async def test_a_reservation_counts_until_settled_and_the_rest_wait() -> None:
     now = [0.0]
     throttle = FailureThrottle(
         per_client=3, per_key=2, window_seconds=60, max_tracked=100, timer=lambda: now[0]
     )
-    held = [throttle.reserve("a", "k") for _ in range(3)]
-    with pytest.raises(Exception, match="Too many"):
-        throttle.reserve("a", "k")  # three in flight: the budget is spoken for
+    held = [await throttle.reserve("a", "k") for _ in range(3)]
     assert held[0].clean and not held[1].clean
-    for attempt in held:
-        attempt.release()
-    throttle.reserve("a", "k").failed()
-    throttle.reserve("b", "k").failed()
-    with pytest.raises(Exception, match="Too many"):
-        throttle.reserve("a", "k")  # a has failed, and key k is over its budget
-    assert throttle.reserve("d", "k").clean  # no failures of its own: let through, first
+    # The budget is spoken for by three attempts in flight: a fourth waits, not refused.
+    fourth = asyncio.create_task(throttle.reserve("a", "k"))
+    await asyncio.sleep(0)
+    assert not fourth.done()
+    held[0].release()  # verified: its place goes to the one waiting
+    attempt = await fourth
+    # Failures, though, spend the budget: once three attempts failed, the rest are refused.
+    waiting = asyncio.create_task(throttle.reserve("a", "k"))
+    await asyncio.sleep(0)
+    for failing in (held[1], held[2], attempt):
+        failing.failed()
+    with pytest.raises(ApiError, match="Too many"):
+        await waiting
+    with pytest.raises(ApiError, match="Too many"):
+        await throttle.reserve("a", "other")
+    (await throttle.reserve("b", "k")).failed()
+    # b has failed, and key k is over its budget (a's two and b's one, against 2).
+    with pytest.raises(ApiError, match="Too many"):
+        await throttle.reserve("b", "k")
+    assert (await throttle.reserve("d", "k")).clean  # no failures of its own: let through
     now[0] = 61.0
-    throttle.reserve("a", "k").release()  # the window ended
+    (await throttle.reserve("a", "k")).release()  # the window ended
+
+
+async def test_many_new_keys_from_one_address_all_verify(
+    database_url: str, upstream: Upstream
+) -> None:
+    # A restart, or many users behind one proxy: more new keys at once than the failure
+    # budget are slowed to its width, not refused.
+    settings = make_settings(upstream, throttle={"failures_per_client": 5})
+    async with start_keystile(settings, database_url) as ks:
+        user = await ks.user(servers=["*"])
+        issued = [await ks.key(user, name=f"k{n}") for n in range(40)]
+        statuses = await asyncio.gather(*(ks.request("GET", "/api/me", i.key) for i in issued))
+        assert [status for status, _, _ in statuses] == [200] * 40
 
 
 async def test_the_verify_queue_serves_clean_clients_first() -> None:
