@@ -127,7 +127,7 @@ class Authenticator:
             if secret is not None and _within(secret.valid_until):
                 self._require_bound(secret, resource)
                 if self._cache.trusted:
-                    self._metrics.cache_hits.inc()
+                    self._metrics.cache_hit()
                     return entry.principal
                 revalidated = await self._revalidate(ref, entry)
                 if revalidated is not None:

@@ -14,8 +14,11 @@ reports the sum over all workers. A single process keeps its values in memory.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -26,6 +29,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 # One series per counter, not a second `_created` timestamp series beside each.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -40,7 +44,6 @@ _STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 # name, help: plain counters, `keystile_<name>_total`.
 _COUNTERS = (
-    ("cache_hits", "Requests whose key was verified from the cache."),
     ("cache_misses", "Requests that needed the key store."),
     ("auth_failures", "Requests refused with 401."),
     ("argon2_verifications", "argon2 verifications run."),
@@ -61,26 +64,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         r = self.registry
-        self.requests = Counter(
-            "keystile_requests",
-            "Data-plane requests by route, server and status class.",
-            ["route", "server", "status_class"],
-            registry=r,
-        )
-        self.request_seconds = Histogram(
-            "keystile_request_duration_seconds",
-            "Data-plane request duration, from the request's arrival to the answer's end.",
-            ["route", "server"],
-            registry=r,
-            buckets=_REQUEST_BUCKETS,
-        )
-        self.upstream_headers_seconds = Histogram(
-            "keystile_upstream_headers_seconds",
-            "From sending a request upstream to the upstream's response head.",
-            ["server"],
-            registry=r,
-            buckets=_REQUEST_BUCKETS,
-        )
+        # The three things counted on every request: in plain numbers read at scrape time in
+        # a single process (a dict update, not a lock and a value object per sample); through
+        # prometheus-client's shared files under --workers, where the sum must cross processes.
+        self._hot: _HotMetrics = _SharedHot(r) if self.multiprocess else _LocalHot(r)
         self.argon2_seconds = Histogram(
             "keystile_argon2_seconds",
             "argon2 verification time (in the verification threads).",
@@ -90,7 +77,6 @@ class Metrics:
         self._counters = {
             name: Counter(f"keystile_{name}", text, registry=r) for name, text in _COUNTERS
         }
-        self.cache_hits = self._counters["cache_hits"]
         self.cache_misses = self._counters["cache_misses"]
         self.auth_failures = self._counters["auth_failures"]
         self.argon2_verifications = self._counters["argon2_verifications"]
@@ -115,9 +101,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        # (route, server, status class) -> its counter and histogram children: resolved once.
-        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._upstream_children: dict[str, Histogram] = {}
 
     def _writer_metrics(self, writer: str) -> dict[str, Counter | Gauge]:
         r = self.registry
@@ -148,22 +131,13 @@ class Metrics:
 
     def request(self, route: str, server: str, status: int, seconds: float) -> None:
         """One data-plane request. `server` must be a configured name, or ""."""
-        key = (route, server, status // 100)
-        children = self._children.get(key)
-        if children is None:
-            status_class = _STATUS_CLASSES.get(status // 100, "other")
-            children = self._children[key] = (
-                self.requests.labels(route, server, status_class),
-                self.request_seconds.labels(route, server),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        self._hot.request(route, server, status, seconds)
 
     def upstream_headers(self, server: str, seconds: float) -> None:
-        child = self._upstream_children.get(server)
-        if child is None:
-            child = self._upstream_children[server] = self.upstream_headers_seconds.labels(server)
-        child.observe(seconds)
+        self._hot.upstream(server, seconds)
+
+    def cache_hit(self) -> None:
+        self._hot.cache_hit()
 
     # --- write-behind -------------------------------------------------------------------------
 
@@ -197,6 +171,129 @@ class Metrics:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged)
+
+
+_REQUESTS = ("keystile_requests", "Data-plane requests by route, server and status class.")
+_REQUEST_SECONDS = (
+    "keystile_request_duration_seconds",
+    "Data-plane request duration, from the request's arrival to the answer's end.",
+)
+_UPSTREAM_SECONDS = (
+    "keystile_upstream_headers_seconds",
+    "From sending a request upstream to the upstream's response head.",
+)
+_CACHE_HITS = ("keystile_cache_hits", "Requests whose key was verified from the cache.")
+
+
+class _HotMetrics(Protocol):
+    def request(self, route: str, server: str, status: int, seconds: float) -> None: ...
+
+    def upstream(self, server: str, seconds: float) -> None: ...
+
+    def cache_hit(self) -> None: ...
+
+
+class _Buckets:
+    """One histogram's counts per bucket (not cumulative) and sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_REQUEST_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(_REQUEST_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def family_buckets(self) -> list[tuple[str, float]]:
+        bounds = [*(repr(float(b)) for b in _REQUEST_BUCKETS), "+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
+
+
+class _LocalHot:
+    """A single process's request metrics: plain numbers, rendered by collect()."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._durations: dict[tuple[str, str], _Buckets] = {}
+        self._upstream: dict[str, _Buckets] = {}
+        self._cache_hits = 0
+        registry.register(self)
+
+    def request(self, route: str, server: str, status: int, seconds: float) -> None:
+        key = (route, server, status // 100)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        buckets = self._durations.get((route, server))
+        if buckets is None:
+            buckets = self._durations[(route, server)] = _Buckets()
+        buckets.observe(seconds)
+
+    def upstream(self, server: str, seconds: float) -> None:
+        buckets = self._upstream.get(server)
+        if buckets is None:
+            buckets = self._upstream[server] = _Buckets()
+        buckets.observe(seconds)
+
+    def cache_hit(self) -> None:
+        self._cache_hits += 1
+
+    def describe(self) -> list[Metric]:
+        return []  # families appear as they are first counted
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(*_REQUESTS, labels=["route", "server", "status_class"])
+        for (route, server, status_class), count in sorted(self._requests.items()):
+            label = _STATUS_CLASSES.get(status_class, "other")
+            requests.add_metric([route, server, label], count)
+        yield requests
+        durations = HistogramMetricFamily(*_REQUEST_SECONDS, labels=["route", "server"])
+        for (route, server), buckets in sorted(self._durations.items()):
+            durations.add_metric([route, server], buckets.family_buckets(), buckets.sum)
+        yield durations
+        upstream = HistogramMetricFamily(*_UPSTREAM_SECONDS, labels=["server"])
+        for server, buckets in sorted(self._upstream.items()):
+            upstream.add_metric([server], buckets.family_buckets(), buckets.sum)
+        yield upstream
+        yield CounterMetricFamily(*_CACHE_HITS, value=self._cache_hits)
+
+
+class _SharedHot:
+    """Under --workers: prometheus-client's multiprocess values, summed at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = Counter(*_REQUESTS, ["route", "server", "status_class"], registry=registry)
+        self._durations = Histogram(
+            *_REQUEST_SECONDS, ["route", "server"], registry=registry, buckets=_REQUEST_BUCKETS
+        )
+        self._upstream = Histogram(
+            *_UPSTREAM_SECONDS, ["server"], registry=registry, buckets=_REQUEST_BUCKETS
+        )
+        self._cache_hits = Counter(*_CACHE_HITS, registry=registry)
+        # Children resolved once per label set: .labels() costs more than the increment.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+
+    def request(self, route: str, server: str, status: int, seconds: float) -> None:
+        key = (route, server, status // 100)
+        children = self._children.get(key)
+        if children is None:
+            label = _STATUS_CLASSES.get(status // 100, "other")
+            children = self._children[key] = (
+                self._requests.labels(route, server, label),
+                self._durations.labels(route, server),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def upstream(self, server: str, seconds: float) -> None:
+        child = self._upstream_children.get(server)
+        if child is None:
+            child = self._upstream_children[server] = self._upstream.labels(server)
+        child.observe(seconds)
+
+    def cache_hit(self) -> None:
+        self._cache_hits.inc()
 
 
 def mark_worker_dead(pid: int) -> None:

@@ -15,14 +15,14 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from gateway.calls import BUCKETS, DURATION_BUCKETS_MS, CallRecord, bucket_of, percentile_ms
+from gateway.calls import BUCKETS, DURATION_BUCKETS_MS, CallRecord, percentile_ms
 
 log = logging.getLogger("keystile.usage")
 
@@ -47,21 +47,10 @@ HOURLY_COLUMNS = (
     "bytes_out",
     *BUCKET_COLUMNS,
 )
-_HOURLY_TYPES = ("timestamptz", *["text"] * 5, "smallint", *["bigint"] * 4, *["int"] * BUCKETS)
 _COUNTERS = ("requests", "errors", "bytes_in", "bytes_out", *BUCKET_COLUMNS)
 # Past this length a text field is cut: a client chooses tool names and request ids, and
 # a record's size must stay bounded whatever it sends.
 MAX_TEXT = 256
-
-UPSERT_HOURLY = f"""
-INSERT INTO usage_hourly AS u ({", ".join(HOURLY_COLUMNS)})
-SELECT {", ".join(HOURLY_COLUMNS)}
-FROM unnest({", ".join(f"${n}::{t}[]" for n, t in enumerate(_HOURLY_TYPES, 1))})
-     WITH ORDINALITY AS v({", ".join(HOURLY_COLUMNS)}, ord)
-ORDER BY ord
-ON CONFLICT ({", ".join(HOURLY_KEY)}) DO UPDATE
-SET {", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in _COUNTERS)}
-"""
 
 
 def _bucket_filters() -> str:
@@ -109,20 +98,23 @@ def _optional(value: str | None) -> str | None:
     return None if value is None else _clean(value)
 
 
-def _stored(record: CallRecord) -> tuple[Any, ...]:
-    """The record as a row of `calls` (CALL_COLUMNS order): cleaned, the time a datetime."""
-    when = datetime.fromtimestamp(record.time, UTC)
+def _staged(record: CallRecord) -> tuple[Any, ...]:
+    """The record as a row of the staging table (CALL_COLUMNS order).
+
+    The ids are the gateway's own (from its store); the texts a client chose (request id,
+    MCP method, tool) are made storable; a duration that is not a finite number counts as 0.
+    """
     duration = record.duration_ms
     if not (math.isfinite(duration) and duration >= 0):
         duration = 0.0
     return (
-        when,
+        datetime.fromtimestamp(record.time, UTC),
         _clean(record.request_id),
-        _clean(record.workspace_id),
-        _clean(record.user_id),
-        _clean(record.key_id),
+        record.workspace_id,
+        record.user_id,
+        record.key_id,
         record.route,
-        _optional(record.server),
+        record.server,
         _optional(record.mcp_method),
         _optional(record.tool),
         record.status,
@@ -133,48 +125,47 @@ def _stored(record: CallRecord) -> tuple[Any, ...]:
     )
 
 
-Counts = list[int]  # requests, errors, bytes_in, bytes_out, then one count per bucket
-
-
-def hourly_rollups(rows: Iterable[tuple[Any, ...]]) -> dict[tuple[Any, ...], Counts]:
-    """The roll-ups of stored rows (CALL_COLUMNS order), keyed in HOURLY_KEY order plus
-    user_id: (workspace_id, key_id, hour, server, tool, status, user_id)."""
-    out: dict[tuple[Any, ...], Counts] = {}
-    for row in rows:
-        (when, _, workspace, user, key, _, server, _, tool, status, duration, b_in, b_out, _) = row
-        hour = when.replace(minute=0, second=0, microsecond=0)
-        group = (workspace, key, hour, server or "", tool or "", status, user)
-        counts = out.get(group)
-        if counts is None:
-            counts = out[group] = [0] * (4 + BUCKETS)
-        counts[0] += 1
-        counts[1] += status >= 400
-        counts[2] += b_in
-        counts[3] += b_out
-        counts[4 + bucket_of(duration)] += 1
-    return out
-
-
-def _upsert_args(rollups: Mapping[tuple[Any, ...], Counts]) -> list[list[Any]]:
-    """One array per HOURLY_COLUMNS entry, rows sorted in primary-key order."""
-    columns: list[list[Any]] = [[] for _ in HOURLY_COLUMNS]
-    for group in sorted(rollups, key=lambda g: g[:6]):
-        workspace, key, hour, server, tool, status, user = group
-        values = (hour, workspace, key, user, server, tool, status, *rollups[group])
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    return columns
+# A batch is copied into a per-connection staging table and moved from there in two
+# statements: into `calls`, and, added up by PostgreSQL, into the hourly roll-ups. The
+# gateway's process then does no aggregation of its own (it runs beside the data plane).
+# ON COMMIT DELETE ROWS: the staging table is empty again whether the batch commits or not.
+STAGE_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS calls_batch (
+    time timestamptz, request_id text, workspace_id text, user_id text, key_id text, route text,
+    server text, mcp_method text, tool text, status smallint, duration_ms float8,
+    bytes_in bigint, bytes_out bigint, client text
+) ON COMMIT DELETE ROWS
+"""
+_MOVED = ", ".join(CALL_COLUMNS)
+MOVE_CALLS = f"INSERT INTO calls ({_MOVED}) SELECT {_MOVED} FROM calls_batch"
+# Rows upserted in primary-key order: two processes adding to the same roll-up rows lock them
+# in the same order, so they queue instead of deadlocking.
+ADD_HOURLY = f"""
+INSERT INTO usage_hourly AS u ({", ".join(HOURLY_COLUMNS)})
+SELECT date_trunc('hour', time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
+       workspace_id, key_id, user_id, COALESCE(server, '') AS server,
+       COALESCE(tool, '') AS tool, status,
+       count(*), count(*) FILTER (WHERE status >= 400),
+       sum(bytes_in)::bigint, sum(bytes_out)::bigint,
+       {_bucket_filters()}
+FROM calls_batch
+GROUP BY 1, 2, 3, 4, 5, 6, 7
+ORDER BY 2, 3, 1, 5, 6, 7
+ON CONFLICT ({", ".join(HOURLY_KEY)}) DO UPDATE
+SET {", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in _COUNTERS)}
+"""
 
 
 async def write_calls(pool: asyncpg.Pool, batch: Sequence[CallRecord]) -> None:
-    """COPY a batch into `calls` and add its roll-ups, in one transaction."""
+    """COPY a batch and add its roll-ups, in one transaction."""
     if not batch:
         return
-    rows = [_stored(record) for record in batch]
-    args = _upsert_args(hourly_rollups(rows))
+    rows = [_staged(record) for record in batch]
     async with pool.acquire() as conn, conn.transaction():
-        await conn.copy_records_to_table("calls", records=rows, columns=CALL_COLUMNS)
-        await conn.execute(UPSERT_HOURLY, *args)
+        await conn.execute(STAGE_TABLE)
+        await conn.copy_records_to_table("calls_batch", records=rows, columns=CALL_COLUMNS)
+        await conn.execute(MOVE_CALLS)
+        await conn.execute(ADD_HOURLY, bucket_bounds())
 
 
 # --- retention ---

@@ -476,3 +476,13 @@ def test_a_denied_tool_never_leaves_the_sse_filter(names: list[str], step: int) 
     out = b"".join(filt.feed(stream[i : i + step]) for i in range(0, len(stream), step))
     out += filt.flush()
     assert b"delete" not in out
+
+
+def test_a_list_with_a_huge_integer_is_still_filtered() -> None:
+    raw = (
+        b'{"jsonrpc": "2.0", "id": 123456789012345678901234567890, "result": '
+        b'{"tools": [{"name": "search"}, {"name": "delete_repo"}]}}'
+    )
+    out = JsonListFilter(allows)
+    filtered = out.feed(raw) + out.flush()
+    assert b"delete_repo" not in filtered and b"search" in filtered

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from gateway.transform import StreamRefused
 
 Allows = Callable[[str], bool]  # a tool name -> may the key call it
@@ -54,12 +56,17 @@ def _filtered_json(raw: bytes, allows: Allows) -> bytes | None:
     if _MARK not in raw:
         return None
     try:
-        message = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # orjson refuses what the standard library reads (integers past 64 bits): an answer
+        # any client could read must not pass unfiltered for that.
+        try:
+            message = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
     if not filter_message(message, allows):
         return None
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+    return orjson.dumps(message)
 
 
 class JsonListFilter:
