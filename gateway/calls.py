@@ -17,7 +17,7 @@ import json
 import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import orjson
@@ -117,7 +117,7 @@ class Exchange:
     tool: str | None = None
     bytes_in: int = 0
     body: bytes | None = None  # a request body read whole (never kept past the request)
-    cors: dict[str, str] = field(default_factory=dict)  # CORS headers for the answer
+    cors: dict[str, str] | None = None  # CORS headers for the answer (a browser's request)
 
     def call_record(self, status: int, duration: float, bytes_out: int, client: str) -> CallRecord:
         assert self.principal is not None

@@ -85,10 +85,10 @@ class DataPlane:
             exchange.route = route.kind
             if route.server in self._server_names:  # a label: configured names only
                 exchange.server = route.server
-            exchange.cors = self._cors.answer_headers(
-                request.headers.get("Origin"), open_route=route.kind == "oauth"
-            )
-            if is_preflight(request.method, request.headers):  # answered here, never forwarded
+            origin = request.headers.get("Origin")
+            if origin is not None:  # a browser: CORS (a preflight is answered here)
+                exchange.cors = self._cors.answer_headers(origin, open_route=route.kind == "oauth")
+            if origin is not None and is_preflight(request.method, request.headers):
                 status, headers = self._cors.preflight(
                     request.headers, open_route=route.kind == "oauth"
                 )
@@ -108,7 +108,8 @@ class DataPlane:
             response = ApiError(500, "internal_error", message).response()
         if not response.prepared:  # a streamed answer carried these in its head already
             response.headers["X-Request-Id"] = exchange.request_id
-            response.headers.update(exchange.cors)
+            if exchange.cors:
+                response.headers.update(exchange.cors)
         duration = time.monotonic() - started
         self._metrics.request(exchange.route, exchange.server, response.status, duration)
         if exchange.principal is not None:
@@ -143,7 +144,7 @@ class DataPlane:
             )
         exchange.body = None
         if self._calls is not None:
-            sent = response.body_length if response.prepared else (response.content_length or 0)
+            sent = response.body_length if response.prepared else _body_length(response)
             self._calls.record(
                 exchange.call_record(response.status, duration, sent, self._client(request))
             )
@@ -188,11 +189,11 @@ class DataPlane:
             response = _json(_me(principal, self._server_names))
             response.headers.update(limit_headers or {})
             return response
-        answer_headers = {
-            "X-Request-Id": exchange.request_id,
-            **(limit_headers or {}),
-            **exchange.cors,
-        }
+        answer_headers = {"X-Request-Id": exchange.request_id}
+        if limit_headers:
+            answer_headers.update(limit_headers)
+        if exchange.cors:
+            answer_headers.update(exchange.cors)
         transform: TransformFactory | None = None
         body_check = None
         if route.kind == "mcp":
@@ -250,6 +251,12 @@ def _endpoint_rewrite(target: EndpointTarget) -> TransformFactory:
         return EndpointRewriter(target)
 
     return for_answer
+
+
+def _body_length(response: web.StreamResponse) -> int:
+    """The size of an answer not sent yet (aiohttp's content_length works it out slower)."""
+    body = response.body if isinstance(response, web.Response) else None
+    return len(body) if isinstance(body, bytes) else (response.content_length or 0)
 
 
 def _require_origin(principal: Principal, origin: str | None) -> None:
