@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -28,7 +28,7 @@ log = logging.getLogger("keystile.usage")
 
 # --- the write ---
 
-CALL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(CallRecord))
+CALL_COLUMNS: tuple[str, ...] = CallRecord._fields
 BUCKET_COLUMNS: tuple[str, ...] = tuple(f"d{i}" for i in range(BUCKETS))
 # The roll-up's primary key in index order; batches upsert in this order so that two
 # processes adding to the same rows lock them in the same order (no deadlock).
