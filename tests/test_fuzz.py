@@ -6,7 +6,7 @@ import unicodedata
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import keys, paths, policy
@@ -202,14 +202,24 @@ def test_no_path_reaches_a_server_it_does_not_name_first(fragments: list[str]) -
 
 @FUZZ
 @given(st.one_of(st.text(max_size=200), st.text(max_size=100).map(lambda t: "/" + t)))
+@example("/oauth/revoke")
+@example("/.well-known/oauth-protected-resource/mcp-connect/srv/x")
+@example("/oauth/static/consent.css")
 def test_arbitrary_targets_raise_nothing_but_path_error(target: str) -> None:
     try:
         route = paths.route(target)
     except paths.PathError:
         return
-    assert route.kind in ("mcp", "chat", "me", "healthz", "readyz", "unknown")
-    if route.kind == "mcp":
+    assert route.kind in ("mcp", "chat", "me", "healthz", "readyz", "oauth", "unknown")
+    if route.kind in ("mcp", "oauth") and route.server:
         assert paths.SERVER_NAME.fullmatch(route.server)
+    if route.kind == "oauth":
+        # Only the flow's own endpoints, the protected-resource document and one static file.
+        assert (
+            route.endpoint in paths.OAUTH_ROUTES.values()
+            or route.endpoint == "protected-resource"
+            or (route.endpoint.startswith("static/") and "/" not in route.endpoint[7:])
+        )
 
 
 # --- the scope decision -----------------------------------------------------------------------
