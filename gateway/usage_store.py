@@ -1,7 +1,7 @@
 """Call records in PostgreSQL: the batch write, the roll-ups, retention and the reads (SPEC §7).
 
 A batch is one transaction: the raw records go into `calls` with COPY and the batch's hourly
-roll-ups, aggregated here first, are added into `usage_hourly` with one upsert. A failed write
+roll-ups, added up by PostgreSQL, go into `usage_hourly` with one upsert. A failed write
 leaves neither behind, so the write-behind's retry (gateway.usage) counts each record once.
 
 Usage is read from the roll-ups only (hour granularity); the raw rows serve the newest-first
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -83,61 +82,42 @@ BUILD_HOURLY = f"INSERT INTO usage_hourly ({', '.join(HOURLY_COLUMNS)}) {HOURLY_
 
 
 def _clean(value: str) -> str:
-    """Text PostgreSQL accepts, of bounded length: no NUL, no lone surrogates.
-
-    A value the database refuses would fail its whole batch on every retry and stop
-    recording altogether, so anything a client may have chosen is made storable here.
-    """
-    value = value[:MAX_TEXT]
+    """Text PostgreSQL accepts: no NUL, no lone surrogates."""
     if not value.isascii():
         value = value.encode("utf-8", "replace").decode("utf-8")
     return value.replace("\x00", "") if "\x00" in value else value
 
 
-def _optional(value: str | None) -> str | None:
-    return None if value is None else _clean(value)
+def _storable(record: CallRecord) -> tuple[Any, ...]:
+    """The record with every text made acceptable to PostgreSQL (see write_calls)."""
+    return tuple(_clean(v) if isinstance(v, str) else v for v in record)
 
 
-def _staged(record: CallRecord) -> tuple[Any, ...]:
-    """The record as a row of the staging table (CALL_COLUMNS order).
-
-    The ids are the gateway's own (from its store); the texts a client chose (request id,
-    MCP method, tool) are made storable; a duration that is not a finite number counts as 0.
-    """
-    duration = record.duration_ms
-    if not (math.isfinite(duration) and duration >= 0):
-        duration = 0.0
-    return (
-        datetime.fromtimestamp(record.time, UTC),
-        _clean(record.request_id),
-        record.workspace_id,
-        record.user_id,
-        record.key_id,
-        record.route,
-        record.server,
-        _optional(record.mcp_method),
-        _optional(record.tool),
-        record.status,
-        duration,
-        max(0, record.bytes_in),
-        max(0, record.bytes_out),
-        _clean(record.client),
-    )
-
-
-# A batch is copied into a per-connection staging table and moved from there in two
-# statements: into `calls`, and, added up by PostgreSQL, into the hourly roll-ups. The
-# gateway's process then does no aggregation of its own (it runs beside the data plane).
+# A batch is copied as it is into a per-connection staging table (the time as seconds since
+# the epoch) and moved from there in two statements: into `calls`, and, added up by
+# PostgreSQL, into the hourly roll-ups. The gateway's process converts nothing per record and
+# aggregates nothing: it runs beside the data plane. What a client chose (request id, MCP
+# method, tool) is cut to MAX_TEXT and a duration or size that is not a sane number is made
+# one on the way out of the staging table, by PostgreSQL.
 # ON COMMIT DELETE ROWS: the staging table is empty again whether the batch commits or not.
 STAGE_TABLE = """
-CREATE TEMP TABLE IF NOT EXISTS calls_batch (
-    time timestamptz, request_id text, workspace_id text, user_id text, key_id text, route text,
+CREATE TEMP TABLE IF NOT EXISTS calls_staged (
+    time float8, request_id text, workspace_id text, user_id text, key_id text, route text,
     server text, mcp_method text, tool text, status smallint, duration_ms float8,
     bytes_in bigint, bytes_out bigint, client text
 ) ON COMMIT DELETE ROWS
 """
+STAGED = f"""(
+SELECT to_timestamp(time) AS time, left(request_id, {MAX_TEXT}) AS request_id,
+       workspace_id, user_id, key_id, route, server,
+       left(mcp_method, {MAX_TEXT}) AS mcp_method, left(tool, {MAX_TEXT}) AS tool, status,
+       CASE WHEN duration_ms >= 0 AND duration_ms < 'Infinity' THEN duration_ms ELSE 0 END
+           AS duration_ms,
+       GREATEST(bytes_in, 0) AS bytes_in, GREATEST(bytes_out, 0) AS bytes_out,
+       left(client, {MAX_TEXT}) AS client
+FROM calls_staged) AS calls_batch"""
 _MOVED = ", ".join(CALL_COLUMNS)
-MOVE_CALLS = f"INSERT INTO calls ({_MOVED}) SELECT {_MOVED} FROM calls_batch"
+MOVE_CALLS = f"INSERT INTO calls ({_MOVED}) SELECT {_MOVED} FROM {STAGED}"
 # Rows upserted in primary-key order: two processes adding to the same roll-up rows lock them
 # in the same order, so they queue instead of deadlocking.
 ADD_HOURLY = f"""
@@ -148,22 +128,36 @@ SELECT date_trunc('hour', time AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hour,
        count(*), count(*) FILTER (WHERE status >= 400),
        sum(bytes_in)::bigint, sum(bytes_out)::bigint,
        {_bucket_filters()}
-FROM calls_batch
+FROM {STAGED}
 GROUP BY 1, 2, 3, 4, 5, 6, 7
 ORDER BY 2, 3, 1, 5, 6, 7
 ON CONFLICT ({", ".join(HOURLY_KEY)}) DO UPDATE
 SET {", ".join(f"{c} = u.{c} + EXCLUDED.{c}" for c in _COUNTERS)}
 """
+# What makes PostgreSQL (NUL) or the driver (a lone surrogate) refuse a batch's text.
+_UNSTORABLE_TEXT = (asyncpg.DataError, UnicodeEncodeError)
 
 
 async def write_calls(pool: asyncpg.Pool, batch: Sequence[CallRecord]) -> None:
-    """COPY a batch and add its roll-ups, in one transaction."""
+    """COPY a batch and add its roll-ups, in one transaction.
+
+    Records are copied as they are. Text a client chose may hold what PostgreSQL refuses, and
+    a refused batch would fail on every retry and stop recording altogether: then the batch
+    is written again with such text made storable (checking every record up front would cost
+    the hot path's process a few microseconds per request, for what almost never happens).
+    """
     if not batch:
         return
-    rows = [_staged(record) for record in batch]
+    try:
+        await _write_batch(pool, batch)
+    except _UNSTORABLE_TEXT:
+        await _write_batch(pool, [_storable(record) for record in batch])
+
+
+async def _write_batch(pool: asyncpg.Pool, rows: Sequence[tuple[Any, ...]]) -> None:
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(STAGE_TABLE)
-        await conn.copy_records_to_table("calls_batch", records=rows, columns=CALL_COLUMNS)
+        await conn.copy_records_to_table("calls_staged", records=rows, columns=CALL_COLUMNS)
         await conn.execute(MOVE_CALLS)
         await conn.execute(ADD_HOURLY, bucket_bounds())
 
