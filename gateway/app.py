@@ -81,6 +81,8 @@ async def data_plane(
         tools=ToolGuard(settings.mcp_servers, settings.mcp.max_inspect_bytes),
         oauth=_oauth_endpoints(runtime),
         cors=CorsPolicy(gateway.cors_allowed_origins),
+        name_calls=runtime.calls is not None
+        or (gateway.access_log and gateway.access_log_format == "json"),
     )
     # auto_decompress off: a compressed request body is forwarded as it came, with its own
     # Content-Encoding, never decompressed and passed on still labelled compressed.

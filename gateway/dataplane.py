@@ -57,6 +57,7 @@ class DataPlane:
         tools: ToolGuard,
         oauth: OAuthEndpoints | None = None,
         cors: CorsPolicy | None = None,
+        name_calls: bool = True,
     ) -> None:
         self._servers = servers
         self._server_names = frozenset(servers)
@@ -73,6 +74,9 @@ class DataPlane:
         self._oauth = oauth  # None: OAuth off (gateway.public_url unset), its routes 404
         self._cors = cors or CorsPolicy(())
         self._trusted = forwarder.trusted
+        # Whether a request's MCP method and tool are read from its body: only something
+        # that keeps them wants them (call records, the JSON access log).
+        self._name_calls = name_calls
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
@@ -138,7 +142,7 @@ class DataPlane:
     ) -> None:
         """A verified key's request is over: name its MCP method and tool (for the access log
         and the call record), and record the call."""
-        if exchange.route == "mcp" and request.method == "POST":
+        if self._name_calls and exchange.route == "mcp" and request.method == "POST":
             exchange.mcp_method, exchange.tool = mcp_names(
                 request.headers, exchange.body, self._tools.max_inspect_bytes
             )
