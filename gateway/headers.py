@@ -1,4 +1,4 @@
-"""Header rewriting between client and upstream. Pure: mappings in, a multidict out.
+"""Header rewriting between client and upstream. Pure: mappings in, headers out.
 
 Every end-to-end header passes (MCP's Mcp-Session-Id, MCP-Protocol-Version, Last-Event-ID,
 Mcp-Method, Mcp-Param-*, ...); what is removed is a short, fixed list: hop-by-hop headers,
@@ -8,7 +8,7 @@ the client's credentials, and identity/forwarding headers a client could forge.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
@@ -94,38 +94,47 @@ def upstream_request_headers(
     scheme: str,
     host: str,
     trusted_client: bool,
-    identity: Iterable[tuple[str, str]],
+    identity: Sequence[tuple[str, str]],
     extra: Mapping[str, str],
-) -> CIMultiDict[str]:
-    """Headers to send upstream.
+) -> list[tuple[str, str]]:
+    """Headers to send upstream, in order: the client's that pass, then X-Forwarded-*, then
+    `identity` and `extra`, each of which replaces any client header of its name.
 
     X-Forwarded-* are replaced unless the client is a trusted proxy, whose values are kept and
-    the client's address appended to X-Forwarded-For.
+    the client's address appended to X-Forwarded-For. (A list of pairs, not a multidict: it is
+    only ever written out, once, on the hot path.)
     """
     listed = _connection_listed(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
+    replaced = {name.lower() for name, _ in identity}
+    if extra:
+        replaced.update(name.lower() for name in extra)
+    out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         lower = name.lower()
-        if "_" in lower and _owned_spelling(lower):
+        if lower in _REQUEST_DROP or lower in listed or lower in replaced:
             continue
-        if lower in _REQUEST_DROP or lower in listed or lower.startswith(_OWNED_PREFIX):
+        if lower.startswith(_OWNED_PREFIX) or ("_" in lower and _owned_spelling(lower)):
             continue
-        if lower in _FORWARDED and not trusted_client:
-            continue
-        if lower in _FORWARDED and lower != "forwarded":
-            continue  # rebuilt below from the kept values
-        out.add(name, value)
-    prior_for = ", ".join(incoming.getall("X-Forwarded-For", ())) if trusted_client else ""
-    out["X-Forwarded-For"] = f"{prior_for}, {client_ip}" if prior_for else client_ip
-    out["X-Forwarded-Proto"] = (
-        incoming.get("X-Forwarded-Proto", scheme) if trusted_client else scheme
-    )
-    out["X-Forwarded-Host"] = incoming.get("X-Forwarded-Host", host) if trusted_client else host
-    for name, value in identity:
-        out[name] = value
-    for name, value in extra.items():
-        out[name] = value
+        if lower in _FORWARDED and not (trusted_client and lower == "forwarded"):
+            continue  # X-Forwarded-* are rebuilt below from the kept values
+        out.append((name, value))
+    if trusted_client:
+        prior_for = ", ".join(incoming.getall("X-Forwarded-For", ()))
+        out.append(("X-Forwarded-For", f"{prior_for}, {client_ip}" if prior_for else client_ip))
+        out.append(("X-Forwarded-Proto", incoming.get("X-Forwarded-Proto", scheme)))
+        out.append(("X-Forwarded-Host", incoming.get("X-Forwarded-Host", host)))
+    else:
+        out += (("X-Forwarded-For", client_ip), ("X-Forwarded-Proto", scheme))
+        out.append(("X-Forwarded-Host", host))
+    out += identity
+    out += extra.items()
     return out
+
+
+def without(headers: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """`headers` less every header called `name` (any case)."""
+    lower = name.lower()
+    return [(n, v) for n, v in headers if n.lower() != lower]
 
 
 def _owned_spelling(name: str) -> bool:

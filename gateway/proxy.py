@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Protocol
 
 from aiohttp import StreamReader, web
@@ -27,6 +27,7 @@ from gateway.headers import (
     TrustedProxies,
     downstream_response_headers,
     upstream_request_headers,
+    without,
 )
 from gateway.metrics import Metrics
 from gateway.transform import BodyCheck, BodyTransform, StreamRefused, TransformFactory
@@ -105,7 +106,7 @@ class Forwarder:
         request: web.BaseRequest,
         url: str,
         *,
-        identity: Iterable[tuple[str, str]],
+        identity: Sequence[tuple[str, str]],
         extra_headers: Mapping[str, str],
         transform: TransformFactory | None = None,
         body_check: BodyCheck | None = None,
@@ -137,7 +138,8 @@ class Forwarder:
             extra=extra_headers,
         )
         if plain_answer:
-            headers["Accept-Encoding"] = "identity"
+            headers = without(headers, "Accept-Encoding")
+            headers.append(("Accept-Encoding", "identity"))
         data: bytes | LimitedBody | None
         try:
             if body_check is not None and request.method == "POST":
@@ -171,7 +173,7 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         url: str,
-        headers: CIMultiDict[str],
+        headers: Sequence[tuple[str, str]],
         data: bytes | LimitedBody | None,
         watch: Watch,
     ) -> UpstreamResponse | web.StreamResponse:

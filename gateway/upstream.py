@@ -22,7 +22,7 @@ import enum
 import ssl
 import sys
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from time import monotonic
 from types import TracebackType
 from typing import Protocol, cast
@@ -42,6 +42,8 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 Body = bytes | AsyncIterable[bytes] | None
+# A request's headers, in the order they are written (a multidict's .items() will do).
+Headers = Iterable[tuple[str, str]]
 
 
 class UpstreamError(Exception):
@@ -159,7 +161,7 @@ class UpstreamClient:
         self,
         method: str,
         url: str,
-        headers: CIMultiDict[str],
+        headers: Headers,
         body: Body,
         on_connection: Callable[[Closable], None] | None = None,
     ) -> UpstreamResponse:
@@ -320,11 +322,9 @@ class UpstreamClient:
         await asyncio.sleep(0)  # let the transports run connection_lost
 
 
-def _request_head(
-    method: str, target: str, host: str, headers: CIMultiDict[str], body: Body
-) -> bytes:
+def _request_head(method: str, target: str, host: str, headers: Headers, body: Body) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines += [f"{name}: {value}\r\n" for name, value in headers]
     if isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}\r\n\r\n")
     elif body is None:

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
-from multidict import CIMultiDict
 
 from gateway import upstream
 from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -136,7 +135,7 @@ async def test_requests_share_one_kept_alive_connection(client: UpstreamClient) 
     async with raw_server(serving(OK, holder)) as server:
         holder.append(server)
         for n in range(3):
-            headers = CIMultiDict([("X-N", str(n)), ("Mcp-Session-Id", "s")])
+            headers = [("X-N", str(n)), ("Mcp-Session-Id", "s")]
             async with await client.request("POST", url(server), headers, b'{"n":1}') as answer:
                 assert answer.status == 200
                 assert await answer.read() == b"ok"
@@ -160,12 +159,12 @@ async def test_chunked_answer_arrives_decoded_as_it_is_sent(client: UpstreamClie
             await writer.drain()
 
     async with raw_server(handler) as server:
-        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("GET", url(server), [], None) as answer:
             chunks = answer.iter_chunks()
             assert await anext(chunks) == b"first"  # before the rest is even sent
             release.set()
             assert b"".join([c async for c in chunks]) == b"second"
-        async with await client.request("GET", url(server), CIMultiDict(), None) as again:
+        async with await client.request("GET", url(server), [], None) as again:
             assert await again.read() == b"firstsecond"
         assert server.connections == 1
 
@@ -178,7 +177,7 @@ async def test_body_delimited_by_close_is_read_whole(client: UpstreamClient) -> 
 
     async with raw_server(handler) as server:
         for _ in range(2):
-            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            async with await client.request("GET", url(server), [], None) as answer:
                 assert await answer.read() == b"all of it"
         assert server.connections == 2  # never reused
 
@@ -188,7 +187,7 @@ async def test_informational_answers_are_skipped(client: UpstreamClient) -> None
     holder: list[RawServer] = []
     async with raw_server(serving(early + OK, holder)) as server:
         holder.append(server)
-        async with await client.request("POST", url(server), CIMultiDict(), b"x") as answer:
+        async with await client.request("POST", url(server), [], b"x") as answer:
             assert answer.status == 200
             assert "Link" not in answer.headers
             assert await answer.read() == b"ok"
@@ -199,7 +198,7 @@ async def test_head_answer_has_no_body_whatever_it_announces(client: UpstreamCli
     answer_bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
     async with raw_server(serving(answer_bytes, holder)) as server:
         holder.append(server)
-        async with await client.request("HEAD", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("HEAD", url(server), [], None) as answer:
             assert answer.content_length == 10
             assert answer.complete
             assert await answer.read() == b""
@@ -216,11 +215,11 @@ async def test_stale_connection_is_retried_only_when_safe(client: UpstreamClient
 
     async with raw_server(first_only) as server:
         for _ in range(2):
-            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            async with await client.request("GET", url(server), [], None) as answer:
                 assert await answer.read() == b"ok"
         assert server.connections == 2  # the GET went again on a fresh connection
         with pytest.raises(UpstreamError):
-            await client.request("POST", url(server), CIMultiDict(), b"{}")
+            await client.request("POST", url(server), [], b"{}")
         assert server.connections == 2  # a POST is never sent twice
 
 
@@ -229,14 +228,14 @@ async def test_malformed_answer_is_an_upstream_error(client: UpstreamClient) -> 
     async with raw_server(serving(b"HTTP/1.1 abc nonsense\r\n\r\n", holder)) as server:
         holder.append(server)
         with pytest.raises(UpstreamError, match="malformed"):
-            await client.request("GET", url(server), CIMultiDict(), None)
+            await client.request("GET", url(server), [], None)
 
 
 async def test_unreachable_upstream_is_an_upstream_error(client: UpstreamClient) -> None:
     async with raw_server(serving(OK, [])) as server:
         port = server.port
     with pytest.raises(UpstreamError, match="cannot connect"):
-        await client.request("GET", f"http://127.0.0.1:{port}/", CIMultiDict(), None)
+        await client.request("GET", f"http://127.0.0.1:{port}/", [], None)
 
 
 async def test_streamed_upload_goes_out_chunked(client: UpstreamClient) -> None:
@@ -259,7 +258,7 @@ async def test_streamed_upload_goes_out_chunked(client: UpstreamClient) -> None:
 
     async with (
         raw_server(handler) as server,
-        await client.request("POST", url(server), CIMultiDict(), body()) as answer,
+        await client.request("POST", url(server), [], body()) as answer,
     ):
         assert await answer.read() == b"ok"
     assert received == [b"one", b"two", b"three"]
@@ -284,14 +283,12 @@ async def test_answer_complete_but_unread_with_reading_paused_is_never_pooled(
 
     async with raw_server(handler) as server:
         holder.append(server)
-        async with await client.request(
-            "GET", url(server, "/big"), CIMultiDict(), None
-        ) as big_answer:
+        async with await client.request("GET", url(server, "/big"), [], None) as big_answer:
             await wait_until(lambda: big_answer.complete)
             assert reading_paused(big_answer)
         async with (
             asyncio.timeout(DEADLINE),
-            await client.request("GET", url(server, "/small"), CIMultiDict(), None) as answer,
+            await client.request("GET", url(server, "/small"), [], None) as answer,
         ):
             assert await answer.read() == b"ok"
         assert server.connections == 2
@@ -304,9 +301,9 @@ async def test_answer_left_partly_unread_is_never_pooled(client: UpstreamClient)
     answer_bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
     async with raw_server(serving(answer_bytes, holder)) as server:
         holder.append(server)
-        async with await client.request("GET", url(server), CIMultiDict(), None) as first:
+        async with await client.request("GET", url(server), [], None) as first:
             await wait_until(lambda: first.complete)  # arrived whole, and never read
-        async with await client.request("GET", url(server), CIMultiDict(), None) as second:
+        async with await client.request("GET", url(server), [], None) as second:
             assert await second.read() == b"0123456789"
         assert server.connections == 2
         await wait_until(lambda: server.ended_count == 1)
@@ -319,7 +316,7 @@ async def test_answer_read_to_the_end_keeps_its_connection(client: UpstreamClien
     async with raw_server(serving(answer_bytes, holder)) as server:
         holder.append(server)
         for _ in range(2):
-            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            async with await client.request("GET", url(server), [], None) as answer:
                 assert b"".join([chunk async for chunk in answer.iter_chunks()]) == body
         assert server.connections == 1
 
@@ -344,7 +341,7 @@ async def test_switching_protocols_is_an_upstream_error_and_nothing_escapes(
     with loop_errors() as errors:
         async with raw_server(handler) as server:
             with pytest.raises(UpstreamError, match="switched protocols"):
-                await client.request("GET", url(server), CIMultiDict(), None)
+                await client.request("GET", url(server), [], None)
             async with asyncio.timeout(DEADLINE):
                 await server.ended.wait()  # the client closed the connection
     assert errors == []
@@ -368,7 +365,7 @@ async def test_an_empty_chunk_of_a_streamed_body_is_not_sent(client: UpstreamCli
 
     async with (
         raw_server(handler) as server,
-        await client.request("POST", url(server), CIMultiDict(), body()) as answer,
+        await client.request("POST", url(server), [], body()) as answer,
     ):
         assert await answer.read() == b"ok"
     assert received == [b"3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"]
@@ -388,7 +385,7 @@ async def test_unread_answer_stops_the_upstream_from_sending(client: UpstreamCli
         finished.set()
 
     async with raw_server(handler) as server:
-        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("GET", url(server), [], None) as answer:
             # Nobody reads: the client stops reading the socket; everything the server could
             # still send fits in the sockets' buffers, far less than the answer, so it waits.
             await wait_until(lambda: reading_paused(answer))
@@ -409,7 +406,7 @@ async def test_abort_all_ends_answers_in_flight(client: UpstreamClient) -> None:
 
     async with (
         raw_server(handler) as server,
-        await client.request("GET", url(server), CIMultiDict(), None) as answer,
+        await client.request("GET", url(server), [], None) as answer,
     ):
         chunks = answer.iter_chunks()
         assert await anext(chunks) == b"abc"
@@ -424,7 +421,7 @@ async def test_header_bytes_pass_both_ways_unchanged(client: UpstreamClient) -> 
     async with raw_server(serving(answer_bytes, holder)) as server:
         holder.append(server)
         sent = "caf\udce9 \u2713"  # how aiohttp's server decodes those same bytes
-        headers = CIMultiDict([("X-Name", sent)])
+        headers = [("X-Name", sent)]
         async with await client.request("GET", url(server), headers, None) as answer:
             assert answer.headers["X-Name"] == sent
         assert b"X-Name: caf\xe9 \xe2\x9c\x93\r\n" in server.requests[0]
@@ -437,7 +434,7 @@ async def test_an_answer_pipelined_after_the_first_retires_the_connection(
     async with raw_server(serving(OK + STRAY, holder)) as server:  # one write, two answers
         holder.append(server)
         for _ in range(2):
-            async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+            async with await client.request("GET", url(server), [], None) as answer:
                 assert await answer.read() == b"ok"  # the answer asked for is still whole
         assert server.connections == 2  # the stray answer was never taken for the second
         await wait_until(lambda: server.ended_count >= 1)
@@ -461,12 +458,12 @@ async def test_an_answer_arriving_on_an_idle_connection_retires_it(
                 return
 
     async with raw_server(handler) as server:
-        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("GET", url(server), [], None) as answer:
             assert await answer.read() == b"ok"
         pooled.set()
         async with asyncio.timeout(DEADLINE):
             await server.ended.wait()  # the client closed the connection the stray came on
-        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("GET", url(server), [], None) as answer:
             assert await answer.read() == b"ok"
         assert server.connections == 2
 
@@ -490,7 +487,7 @@ async def test_connections_idle_too_long_are_closed_not_reused(
     holder: list[RawServer] = []
 
     async def get() -> None:
-        async with await client.request("GET", url(server), CIMultiDict(), None) as answer:
+        async with await client.request("GET", url(server), [], None) as answer:
             assert await answer.read() == b"ok"
 
     async with raw_server(serving(OK, holder)) as server:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.config import Settings, UpstreamSettings
 from gateway.keyring import IssuedKey
@@ -71,7 +70,7 @@ async def get(
     request's place in line."""
     on_connection = None if hooks is None else hooks.append
     async with await client.request(
-        "GET", url(server, path), CIMultiDict(), None, on_connection=on_connection
+        "GET", url(server, path), [], None, on_connection=on_connection
     ) as answer:
         return await answer.read()
 
