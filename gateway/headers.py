@@ -106,8 +106,10 @@ def upstream_request_headers(
     """
     listed = _connection_listed(incoming)
     replaced = {name.lower() for name, _ in identity}
-    if extra:
-        replaced.update(name.lower() for name in extra)
+    if extra:  # an upstream's configured header wins over the client's and the gateway's
+        configured = {name.lower() for name in extra}
+        identity = [(n, v) for n, v in identity if n.lower() not in configured]
+        replaced |= configured
     out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         lower = name.lower()

@@ -154,7 +154,11 @@ def make_settings(upstream: Upstream | None = None, **sections: Any) -> Settings
             "gitlab": UpstreamSettings(url=f"{upstream.url}/gitlab"),
             "tokened": UpstreamSettings(
                 url=f"{upstream.url}/tokened",
-                headers={"Authorization": Secret("Bearer upstream-token")},
+                headers={
+                    "Authorization": Secret("Bearer upstream-token"),
+                    "X-Team": Secret("platform"),
+                    "X-Request-Id": Secret("configured-id"),
+                },
             ),
         }
         chat = UpstreamSettings(url=upstream.url)

@@ -81,9 +81,17 @@ async def test_configured_upstream_headers_replace_client_auth(
     keystile: Keystile, upstream: Upstream
 ) -> None:
     issued = await a_key(keystile)
-    status, _, _ = await keystile.request("GET", "/mcp-connect/tokened/x", issued.key)
+    sent = {"X-Team": "forged", "x-request-id": "the-clients-id"}
+    status, _, _ = await keystile.request("GET", "/mcp-connect/tokened/x", issued.key, headers=sent)
     assert status == 200
-    assert upstream.seen[-1]["headers"]["authorization"] == "Bearer upstream-token"
+    arrived = upstream.seen[-1]["header_list"]
+    # A configured header arrives once, with its configured value, whoever else set one.
+    for name, value in [
+        ("authorization", "Bearer upstream-token"),
+        ("x-team", "platform"),
+        ("x-request-id", "configured-id"),
+    ]:
+        assert [v for k, v in arrived if k.lower() == name] == [value]
 
 
 async def test_identity_headers_are_set_and_forged_copies_removed(
