@@ -70,7 +70,7 @@ async def test_each_request_with_a_verified_key_is_recorded(
     assert (await keystile.request("GET", "/api/me", key))[0] == 200
     assert (await keystile.request("GET", "/api/me", key[:-1] + "x"))[0] == 401  # not verified
     assert (await keystile.request("GET", "/api/me", None))[0] == 401
-    await keystile.runtime.calls.flush()  # type: ignore[union-attr]
+    assert await keystile.runtime.calls.flush()  # type: ignore[union-attr]
 
     rows = await calls_in(database_url)
     assert [(r["route"], r["server"], r["status"]) for r in rows] == [
@@ -105,7 +105,7 @@ async def test_a_rate_limited_answer_is_recorded_too(keystile: Keystile, databas
     )
     assert (await keystile.request("GET", "/mcp-connect/github/a", issued.key))[0] == 200
     assert (await keystile.request("GET", "/mcp-connect/github/a", issued.key))[0] == 429
-    await keystile.runtime.calls.flush()  # type: ignore[union-attr]
+    assert await keystile.runtime.calls.flush()  # type: ignore[union-attr]
     assert [r["status"] for r in await calls_in(database_url)] == [200, 429]
 
 
