@@ -1658,16 +1658,23 @@ class Bench:
             misses = sum(
                 v["cache_misses_total"] for v in hot["database"]["keystile_metrics_delta"].values()
             )
+            # A re-lookup at the TTL is shared by every request in flight at that moment
+            # (single flight): each of them counts as a miss, one query answers them all.
+            sharing = self.cfg.connections
             add(
                 "3",
                 "key lookups on the hot path (Postgres users scans; Keystile misses)",
-                f"<= {allowed}: one per process and credential per cache TTL",
+                f"<= {allowed} lookups: one per process and credential per cache TTL, "
+                f"each shared by up to {sharing} requests in flight (misses <= "
+                f"{allowed * sharing})",
                 f"{lookups} lookups; {misses} cache misses",
-                lookups <= allowed and misses <= allowed,
+                lookups <= allowed and misses <= allowed * sharing,
             )
         herd = r.get("herd", {})
         if "statuses" in herd:
-            ok = herd["statuses"].get(200, 0) == herd["keys"]
+            # int keys as measured; str keys once the results went through JSON
+            served = herd["statuses"].get(200, herd["statuses"].get("200", 0))
+            ok = served == herd["keys"]
             add(
                 "6",
                 "herd: every key served 200",
