@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,16 @@ def test_no_import_against_the_layering(package: str, forbidden: set[str]) -> No
         if names & forbidden
     }
     assert offenders == {}
+
+
+def test_serving_does_not_load_the_mcp_sdk() -> None:
+    """The SDK (and pydantic) is for tool discovery only, loaded on the first one: a serving
+    process that never discovers does not carry it."""
+    code = (
+        "import sys, keystile.cli, gateway.app, admin.api, gateway.oauth.endpoints; "
+        "print(sorted(m for m in ('mcp', 'pydantic', 'httpx2') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -20,12 +20,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx2
-from mcp import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.types import PaginatedRequestParams
-
 from gateway.config import UpstreamSettings
 
 log = logging.getLogger("keystile.discovery")
@@ -118,6 +112,11 @@ class ToolDiscovery:
 async def _list_tools(
     transport: Transport, url: str, headers: Mapping[str, str], seconds: float
 ) -> tuple[dict[str, str | None], ...]:
+    # The SDK (and pydantic under it) is imported on the first discovery, not at start-up:
+    # most gateway processes never discover, and would carry ~30 MiB and a second of imports.
+    from mcp import ClientSession
+    from mcp.types import PaginatedRequestParams
+
     found: list[dict[str, str | None]] = []
     async with (
         transport(url, headers, seconds) as (read, write),
@@ -137,6 +136,9 @@ async def _list_tools(
 
 @contextlib.asynccontextmanager
 async def _streamable(url: str, headers: Mapping[str, str], seconds: float) -> AsyncIterator[Any]:
+    import httpx2
+    from mcp.client.streamable_http import streamable_http_client
+
     async with (
         httpx2.AsyncClient(headers=dict(headers), timeout=httpx2.Timeout(seconds)) as http,
         streamable_http_client(url, http_client=http) as streams,
@@ -146,6 +148,8 @@ async def _streamable(url: str, headers: Mapping[str, str], seconds: float) -> A
 
 @contextlib.asynccontextmanager
 async def _legacy(url: str, headers: Mapping[str, str], seconds: float) -> AsyncIterator[Any]:
+    from mcp.client.sse import sse_client
+
     async with sse_client(
         url, headers=dict(headers), timeout=seconds, sse_read_timeout=seconds
     ) as (
