@@ -117,7 +117,7 @@ class Forwarder:
         own_cors: bool = False,
     ) -> web.StreamResponse:
         """Forward `request` to `url` (`label`: the configured server, for metrics;
-        `observed` learns the request body's size, and the body if it was read whole;
+        `observed` learns the request body's size, and the body if it was at most 64 KiB;
         `own_cors`: the upstream's Access-Control-* headers give way to the gateway's).
 
         `body_check`, if given, judges a POST body (read whole) before anything goes upstream;
@@ -148,7 +148,8 @@ class Forwarder:
                 if denial is not None:
                     return denial
             else:
-                data = await self._request_body(request, length, limit)
+                keep = _SMALL_BODY if observed is not None else 0
+                data = await self._request_body(request, length, limit, keep)
         except ClientGone:
             return _client_gone()
         if observed is not None and isinstance(data, bytes):
@@ -167,7 +168,7 @@ class Forwarder:
         finally:
             self._watchdog.release(watch)
             if observed is not None and isinstance(data, LimitedBody):
-                observed.bytes_in = data.received
+                observed.bytes_in, observed.body = data.received, data.kept
 
     async def _send(
         self,
@@ -256,7 +257,7 @@ class Forwarder:
             raise too_large(limit) from None
 
     async def _request_body(
-        self, request: web.BaseRequest, length: int | None, limit: int
+        self, request: web.BaseRequest, length: int | None, limit: int, keep: int = 0
     ) -> bytes | LimitedBody | None:
         if not request.body_exists:
             return None if request.method in _NO_BODY_METHODS or length is None else b""
@@ -278,7 +279,9 @@ class Forwarder:
             except (ConnectionError, HttpProcessingError):  # the client left mid-upload
                 raise ClientGone from None
         settings = self._settings
-        return LimitedBody(request.content, limit, settings.body_timeout, settings.body_min_rate)
+        return LimitedBody(
+            request.content, limit, settings.body_timeout, settings.body_min_rate, keep
+        )
 
     async def _stream_back(
         self,
@@ -356,15 +359,29 @@ class LimitedBody:
     (BodyTooLarge), or once no chunk arrived for `stall` seconds (BodyStalled). With a
     `min_rate`, every window of `stall` seconds must also bring at least `min_rate` bytes a
     second: a body trickled a byte at a time would otherwise hold its upstream connection
-    for as long as the client likes."""
+    for as long as the client likes.
 
-    def __init__(self, content: StreamReader, limit: int, stall: float, min_rate: int) -> None:
+    A copy of a body of at most `keep` bytes is kept as it passes (`kept`), so that what the
+    request was (an MCP call's method and tool) does not depend on whether its body had
+    arrived before the request was handled."""
+
+    def __init__(
+        self, content: StreamReader, limit: int, stall: float, min_rate: int, keep: int = 0
+    ) -> None:
         self._content = content
         self._limit = limit
         self._stall = stall
         self._window_need = int(min_rate * stall)
+        self._keep = keep
+        self._copy: list[bytes] | None = [] if keep else None
+        self._complete = False
         self.on_complete: Callable[[], None] | None = None
         self.received = 0  # bytes of the body read so far
+
+    @property
+    def kept(self) -> bytes | None:
+        """The whole body, once it has passed, if it was at most `keep` bytes."""
+        return b"".join(self._copy) if self._complete and self._copy is not None else None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -382,6 +399,7 @@ class LimitedBody:
             except (ConnectionError, HttpProcessingError):  # the client left mid-upload
                 raise ClientGone from None
             if not chunk:
+                self._complete = True
                 if self.on_complete is not None:
                     self.on_complete()
                 return
@@ -389,6 +407,11 @@ class LimitedBody:
             self.received = total
             if total > self._limit:
                 raise BodyTooLarge
+            if self._copy is not None:
+                if total <= self._keep:
+                    self._copy.append(chunk)
+                else:
+                    self._copy = None  # too large to name: no copy is held
             window_bytes += len(chunk)
             if self._window_need and loop.time() >= window_end:
                 if window_bytes < self._window_need:

@@ -4,12 +4,15 @@ argument; the records survive an outage, are bounded, and are written at shutdow
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from gateway.accesslog import BUFFER
 from tests.support import (
@@ -95,6 +98,52 @@ async def test_each_request_with_a_verified_key_is_recorded(
     assert first["bytes_in"] == len(json.dumps(tool_call("search_code")))
     # Arguments, bodies and header values are never stored: no column could hold them.
     assert SECRET_ARGUMENT not in repr(rows) and key not in repr(rows)
+
+
+async def test_a_call_streamed_in_after_the_request_began_is_named_too(
+    database_url: str,
+) -> None:
+    """A chunked body still arriving when the request is handled streams upstream; the call
+    is named all the same (the forwarder keeps a copy of a small body as it passes)."""
+    head_arrived = asyncio.Event()
+
+    async def upstream_handler(request: web.Request) -> web.Response:
+        head_arrived.set()  # the gateway is streaming: the body is not all there yet
+        return web.json_response(
+            {"jsonrpc": "2.0", "id": 1, "result": {}, "got": len(await request.read())}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    body = json.dumps(tool_call("search_code")).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await asyncio.wait_for(head_arrived.wait(), 30)
+        yield body[10:]
+
+    try:
+        async with start_keystile(make_settings(Upstream(runner, port)), database_url) as ks:
+            user = await ks.user(servers=["*"])
+            issued = await ks.key(user)
+            status, _, answer = await ks.request(
+                "POST", "/mcp-connect/github/", issued.key, data=chunks()
+            )
+            assert status == 200 and answer["got"] == len(body)
+            assert await ks.runtime.calls.flush()  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+    [row] = await calls_in(database_url)
+    assert (row["mcp_method"], row["tool"], row["bytes_in"]) == (
+        "tools/call",
+        "search_code",
+        len(body),
+    )
 
 
 async def test_a_rate_limited_answer_is_recorded_too(keystile: Keystile, database_url: str) -> None:
