@@ -110,6 +110,10 @@ class Ui:
 
     async def shot(self, name: str, *, full_page: bool = True) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
+        # Two animation frames: what a scroll just brought into view is painted first.
+        await self.page.evaluate(
+            "new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))"
+        )
         await self.page.screenshot(path=ARTIFACTS / f"admin-page-{name}.png", full_page=full_page)
 
     def row(self, name: str) -> Locator:
