@@ -11,7 +11,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -23,6 +22,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Request,
+    expect,
+)
 
 from admin.client import KeystileAdmin, KeystileError
 from gateway.calls import CallRecord
@@ -30,6 +37,7 @@ from gateway.config import UpstreamSettings
 from gateway.keyring import IssuedKey
 from gateway.models import User
 from gateway.sample_mcp import MCP_PATH, start_sample_server
+from tests.browser import ARTIFACTS, NARROW, WIDE, chromium_browser  # noqa: F401  (the browser fixture)
 from tests.support import (
     LOOPBACK,
     FaultyProxy,
@@ -40,53 +48,11 @@ from tests.support import (
     wait_until,
 )
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(
-        f"no Chromium at {CHROMIUM} (apt-get install chromium); these tests never download one",
-        allow_module_level=True,
-    )
-pytest.importorskip("playwright.async_api", reason="playwright for Python is not installed")
-
-from playwright.async_api import (  # noqa: E402  (only once Chromium is known to be there)
-    Browser,
-    ConsoleMessage,
-    Locator,
-    Page,
-    Request,
-    ViewportSize,
-    async_playwright,
-    expect,
-)
-
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WIDE: ViewportSize = {"width": 1280, "height": 860}
-NARROW: ViewportSize = {"width": 390, "height": 844}
 STORAGE_KEY = "keystile.apiKey"
 ADMIN_EMAIL = "ada@example.com"
 
 
 # --- fixtures and helpers ---
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @dataclass

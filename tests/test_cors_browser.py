@@ -12,7 +12,6 @@ the key nowhere but the gateway. The tests wait for the page's outcome, never fo
 from __future__ import annotations
 
 import html
-import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,9 +19,18 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
+from playwright.async_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Request,
+    expect,
+)
 
 from admin.client import KeystileAdmin
 from gateway.app import bound_port
+from tests.browser import chromium_browser  # noqa: F401  (the browser fixture)
 from tests.support import (
     LOOPBACK,
     Keystile,
@@ -33,34 +41,6 @@ from tests.support import (
     wait_until,
 )
 
-CHROMIUM = "/usr/bin/chromium"
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(
-        f"no Chromium at {CHROMIUM} (apt-get install chromium); these tests never download one",
-        allow_module_level=True,
-    )
-pytest.importorskip("playwright.async_api", reason="playwright for Python is not installed")
-
-from playwright.async_api import (  # noqa: E402  (only once Chromium is known to be there)
-    Browser,
-    ConsoleMessage,
-    Locator,
-    Page,
-    Request,
-    async_playwright,
-    expect,
-)
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ROUTE = "/mcp-connect/github/x"  # the echo upstream answers it as /github/mcp/x
 
 PAGE = """<!doctype html>
@@ -205,16 +185,6 @@ async def ks(
         for site in sites.values():
             site.gateway = keystile.gateway
         yield keystile
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 # --- a tab on a site's page ---

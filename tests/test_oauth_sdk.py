@@ -3,7 +3,7 @@
 Keystile (`gateway.public_url` = its own data-plane address) sits in front of two SDK servers
 on loopback. The SDK's `OAuthClientProvider` meets Keystile's 401, discovers the documents,
 registers, and hands the authorization URL to its redirect handler; here that handler is
-Debian's headless Chromium (Playwright, launched as tests/test_admin_page.py launches it),
+Debian's headless Chromium (Playwright, launched by tests/browser.py),
 which pastes a key into "API key", picks tools and clicks Allow (or Deny). The consent page
 then sends the browser to the client's loopback redirect URI, a tiny HTTP listener of this
 test, whose query the SDK's callback handler returns. The SDK exchanges the code and calls
@@ -15,12 +15,10 @@ Screenshots of the consent page (1280 and 390 px wide) go to tests/artifacts/.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2
@@ -37,45 +35,23 @@ from mcp.shared.auth import (
 )
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult, TextContent
-
-from gateway.app import bound_port
-from gateway.config import UpstreamSettings
-from gateway.keyring import IssuedKey
-from tests.mcp_servers import LOOPBACK, RunningServer, catalog_app, serve, streamable_app
-from tests.oauth_flow import Approved, Flow, oauth_settings, pkce, start_oauth_keystile
-from tests.support import admin_call
-
-CHROMIUM = "/usr/bin/chromium"
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(
-        f"no Chromium at {CHROMIUM} (apt-get install chromium); these tests never download one",
-        allow_module_level=True,
-    )
-pytest.importorskip("playwright.async_api", reason="playwright for Python is not installed")
-
-from playwright.async_api import (  # noqa: E402  (only once Chromium is known to be there)
+from playwright.async_api import (
     Browser,
     ConsoleMessage,
     Page,
     Request,
     ViewportSize,
-    async_playwright,
     expect,
 )
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-WIDE: ViewportSize = {"width": 1280, "height": 860}
-NARROW: ViewportSize = {"width": 390, "height": 844}
+from gateway.app import bound_port
+from gateway.config import UpstreamSettings
+from gateway.keyring import IssuedKey
+from tests.browser import ARTIFACTS, NARROW, WIDE, chromium_browser  # noqa: F401  (the browser fixture)
+from tests.mcp_servers import LOOPBACK, RunningServer, catalog_app, serve, streamable_app
+from tests.oauth_flow import Approved, Flow, oauth_settings, pkce, start_oauth_keystile
+from tests.support import admin_call
+
 CLIENT_NAME = "SDK test client"
 
 
@@ -224,16 +200,6 @@ class Person:
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @dataclass
