@@ -584,18 +584,7 @@ def _shared(values: Sequence[str]) -> tuple[str, ...]:
 
 def principal_of(row: asyncpg.Record) -> tuple[Principal, KeyHashes]:
     """A row selected with PRINCIPAL_COLUMNS as the principal and the hashes verifying it."""
-    user = User(
-        id=row["user_id"],
-        workspace_id=row["workspace_id"],
-        email=row["u_email"],
-        display_name=row["u_display_name"],
-        role=row["u_role"],
-        is_active=row["u_is_active"],
-        created_at=row["u_created_at"],
-        servers=tuple(row["u_servers"]),
-        deleted_at=row["u_deleted_at"],
-        tools=_tools(row["u_tools"]),
-    )
+    user = _user(row, id_column="user_id", prefix="u_")
     workspace = Workspace(row["workspace_id"], row["w_name"], row["w_created_at"])
     hashes = KeyHashes(row["secret_hash"], row["previous_hash"], row["previous_expires_at"])
     return Principal(key=key_of(row), user=user, workspace=workspace), hashes
@@ -605,18 +594,19 @@ def _workspace(row: asyncpg.Record) -> Workspace:
     return Workspace(row["id"], row["name"], row["created_at"])
 
 
-def _user(row: asyncpg.Record) -> User:
+def _user(row: asyncpg.Record, *, id_column: str = "id", prefix: str = "") -> User:
+    """A users row; in a joined row (PRINCIPAL_COLUMNS) its columns carry `prefix`."""
     return User(
-        id=row["id"],
+        id=row[id_column],
         workspace_id=row["workspace_id"],
-        email=row["email"],
-        display_name=row["display_name"],
-        role=row["role"],
-        is_active=row["is_active"],
-        created_at=row["created_at"],
-        servers=tuple(row["servers"]),
-        deleted_at=row["deleted_at"],
-        tools=_tools(row["tools"]),
+        email=row[prefix + "email"],
+        display_name=row[prefix + "display_name"],
+        role=row[prefix + "role"],
+        is_active=row[prefix + "is_active"],
+        created_at=row[prefix + "created_at"],
+        servers=tuple(row[prefix + "servers"]),
+        deleted_at=row[prefix + "deleted_at"],
+        tools=_tools(row[prefix + "tools"]),
     )
 
 
