@@ -7,58 +7,18 @@ broken installation (package data missing) fails at start rather than on first v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from importlib import resources
-
 from aiohttp import web
+
+from gateway.static_files import Asset, load_static
 
 PAGE_PATH = "/admin/api-keys"
 STATIC_PATH = "/admin/static/{name}"
 PAGE_FILE = "api-keys.html"
-CONTENT_TYPES = {
-    ".html": "text/html",
-    ".css": "text/css",
-    ".js": "text/javascript",
-    ".svg": "image/svg+xml",
-}
-# default-src 'self' covers scripts, styles, images and fetch; the rest closes what it leaves
-# open. form-action 'none': no form ever submits, so a key typed into one never lands in a URL.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
-    "object-src 'none'"
-)
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Asset:
-    body: bytes
-    content_type: str
-
-    def response(self) -> web.Response:
-        charset = "utf-8" if self.content_type.startswith("text/") else None
-        return web.Response(
-            body=self.body,
-            content_type=self.content_type,
-            charset=charset,
-            headers=SECURITY_HEADERS,
-        )
 
 
 def load_assets() -> dict[str, Asset]:
     """Every servable file of admin/static/, by name."""
-    folder = resources.files("admin").joinpath("static")
-    assets: dict[str, Asset] = {}
-    for entry in folder.iterdir():
-        suffix = "." + entry.name.rpartition(".")[2]
-        if entry.is_file() and suffix in CONTENT_TYPES:
-            assets[entry.name] = Asset(entry.read_bytes(), CONTENT_TYPES[suffix])
+    assets = load_static("admin")
     if PAGE_FILE not in assets:
         raise FileNotFoundError(f"admin/static/{PAGE_FILE} is missing from the installation")
     return assets

@@ -11,43 +11,14 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
 
-CONTENT_TYPES = {
-    ".css": "text/css",
-    ".js": "text/javascript",
-    ".svg": "image/svg+xml",
-}
+from gateway.static_files import SECURITY_HEADERS, load_static
+
 TEMPLATES = ("consent.html", "error.html")
-# form-action 'none': the page's forms never submit; its script posts JSON and follows the
-# redirect it is given, so the key never lands in a URL.
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
-    "object-src 'none'"
-)
-SECURITY_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-}
 _SLOT = re.compile(r"\{\{(\w+)\}\}")
-
-
-@dataclass(frozen=True, slots=True)
-class Asset:
-    body: bytes
-    content_type: str
-
-    def response(self) -> web.Response:
-        charset = "utf-8" if self.content_type.startswith("text/") else None
-        headers = {**SECURITY_HEADERS, "Cache-Control": "no-cache"}
-        return web.Response(
-            body=self.body, content_type=self.content_type, charset=charset, headers=headers
-        )
 
 
 class Pages:
@@ -55,17 +26,13 @@ class Pages:
 
     def __init__(self) -> None:
         folder = resources.files("gateway.oauth").joinpath("static")
-        self._assets: dict[str, Asset] = {}
+        self._assets = load_static("gateway.oauth", leave_out=TEMPLATES)
         self._templates: dict[str, str] = {}
-        for entry in folder.iterdir():
-            suffix = "." + entry.name.rpartition(".")[2]
-            if entry.name in TEMPLATES:
-                self._templates[entry.name] = entry.read_text(encoding="utf-8")
-            elif entry.is_file() and suffix in CONTENT_TYPES:
-                self._assets[entry.name] = Asset(entry.read_bytes(), CONTENT_TYPES[suffix])
-        missing = [t for t in TEMPLATES if t not in self._templates]
-        if missing:
-            raise FileNotFoundError(f"gateway/oauth/static/{missing[0]} is missing")
+        for name in TEMPLATES:
+            template = folder.joinpath(name)
+            if not template.is_file():
+                raise FileNotFoundError(f"gateway/oauth/static/{name} is missing")
+            self._templates[name] = template.read_text(encoding="utf-8")
 
     def asset(self, name: str) -> web.Response | None:
         found = self._assets.get(name)
