@@ -69,14 +69,15 @@ class Cli:
         return run
 
 
-@pytest.fixture
-async def cli(keystile: Keystile) -> Cli:
+@pytest.fixture(name="cli")
+async def cli_fixture(keystile: Keystile) -> Cli:
+    """The command line with an admin key of its own (tests/test_apply.py uses it too)."""
     _, issued = await make_admin(keystile)
     return Cli(keystile.admin, issued.key)
 
 
-@pytest.fixture
-async def admin(keystile: Keystile, cli: Cli) -> AsyncIterator[KeystileAdmin]:
+@pytest.fixture(name="admin")
+async def admin_fixture(keystile: Keystile, cli: Cli) -> AsyncIterator[KeystileAdmin]:
     async with KeystileAdmin(keystile.admin, cli.key) as client:
         yield client
 

@@ -10,13 +10,11 @@ import io
 import json
 import stat
 import tomllib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from admin.client import ApiKey, KeystileAdmin, User
 from gateway import keys
@@ -24,22 +22,10 @@ from gateway.keys import new_id
 from gateway.models import Principal
 from gateway.oauth.store import GrantPlan, OAuthStore
 from keystile import apply
-from tests.support import Keystile, make_admin
-from tests.test_admin_cli import Cli, Run, rows
+from tests.support import Keystile
+from tests.test_admin_cli import Cli, Run, admin_fixture, cli_fixture, rows  # noqa: F401  (the cli and admin fixtures)
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "apply.example.toml"
-
-
-@pytest.fixture
-async def cli(keystile: Keystile) -> Cli:
-    _, issued = await make_admin(keystile)
-    return Cli(keystile.admin, issued.key)
-
-
-@pytest.fixture
-async def admin(keystile: Keystile, cli: Cli) -> AsyncIterator[KeystileAdmin]:
-    async with KeystileAdmin(keystile.admin, cli.key) as client:
-        yield client
 
 
 async def snapshot(database_url: str) -> dict[str, list[str]]:
