@@ -118,6 +118,8 @@ class Exchange:
     principal: Principal | None = None  # once the key verified
     mcp_method: str | None = None
     tool: str | None = None
+    named: bool = False  # mcp_method and tool are read (by the tool policy's check)
+    lists_tools: bool = False  # the body asked for a tool list (the tool policy's check)
     bytes_in: int = 0
     body: bytes | None = None  # a request body read whole (never kept past the request)
     cors: dict[str, str] | None = None  # CORS headers for the answer (a browser's request)

@@ -142,7 +142,12 @@ class DataPlane:
     ) -> None:
         """A verified key's request is over: name its MCP method and tool (for the access log
         and the call record), and record the call."""
-        if self._name_calls and exchange.route == "mcp" and request.method == "POST":
+        if (
+            self._name_calls
+            and not exchange.named  # the tool policy's check has read them already
+            and exchange.route == "mcp"
+            and request.method == "POST"
+        ):
             exchange.mcp_method, exchange.tool = mcp_names(
                 request.headers, exchange.body, self._tools.max_inspect_bytes
             )
@@ -200,18 +205,22 @@ class DataPlane:
             answer_headers.update(exchange.cors)
         transform: TransformFactory | None = None
         body_check = None
+        guard = None
         if route.kind == "mcp":
             policy.require_server(principal, route.server, self._server_names)
             upstream = self._servers[route.server]
             url = upstream.url + route.upstream_path
             if request.method == "GET":  # a legacy SSE stream names its POST endpoint
                 transform = _endpoint_rewrite(EndpointTarget(upstream.url, route.server, url))
-            tool_policy = self._tools.policy(principal)
-            if tool_policy is not None:  # only keys with a tool policy are inspected
-                listing = self._tools.answer_filter(tool_policy, route.server)
-                transform = chain(transform, listing) if transform else listing
-                check = functools.partial(self._tools.check_request, tool_policy, route.server)
-                body_check = BodyCheck(self._tools.max_inspect_bytes, check)
+            guard = self._tools.guard(principal, route.server)
+            if guard is not None:  # only keys with a tool policy are inspected
+                answers: TransformFactory
+                if request.method == "POST":
+                    body_check = BodyCheck(guard.limit, functools.partial(guard.check, exchange))
+                    answers = functools.partial(guard.answers_to_post, exchange)
+                else:
+                    answers = guard.answers
+                transform = chain(transform, answers) if transform else answers
         else:
             policy.require_permission(principal, "chat")
             if self._chat is None:
@@ -227,7 +236,7 @@ class DataPlane:
             extra_headers=upstream.headers,
             transform=transform,
             body_check=body_check,
-            plain_answer=body_check is not None,
+            plain_answer=guard is not None,
             label=route.server if route.kind == "mcp" else "",
             response_headers=answer_headers,
             own_cors=self._cors.configured or bool(exchange.cors),

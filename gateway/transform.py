@@ -11,8 +11,7 @@ since the head has already been sent.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -36,10 +35,10 @@ class BodyTransform(Protocol):
 TransformFactory = Callable[[int, CIMultiDict[str]], BodyTransform | None]
 
 
-@dataclass(frozen=True, slots=True)
-class BodyCheck:
+class BodyCheck(NamedTuple):
     """A request body to read whole (at most `limit` bytes, 413 past it) and judge before it
-    goes upstream: `check` returns None to forward it, or the answer to give instead."""
+    goes upstream: `check` returns None to forward it, or the answer to give instead. (A
+    named tuple: one is made per inspected request.)"""
 
     limit: int
     check: Callable[[CIMultiDictProxy[str], bytes], web.StreamResponse | None]

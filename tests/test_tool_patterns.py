@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.calls import Exchange
+from gateway.mcp import inspect as inspector
+from gateway.mcp.guard import ServerGuard
 from gateway.mcp.inspect import InspectError, inspect
 from gateway.mcp.listing import JsonListFilter, SseListFilter, filter_message
 from gateway.mcp.patterns import (
@@ -486,3 +490,97 @@ def test_a_list_with_a_huge_integer_is_still_filtered() -> None:
     out = JsonListFilter(allows)
     filtered = out.feed(raw) + out.flush()
     assert b"delete_repo" not in filtered and b"search" in filtered
+
+
+# The inspector reads a body with orjson when the body is exactly what orjson writes for what it
+# read (so no key can be repeated: orjson would drop one silently); any other body goes to the
+# standard library's strict decoder. Both readings must agree on every document.
+key_text = st.text(alphabet='ab":\\\u00e9 ', max_size=3)
+json_text = st.recursive(
+    st.sampled_from(
+        ["1", "-2.5e3", "1.5", "null", "true", '"x"', '":"', '"\\"a"', "18446744073709551616"]
+    ),
+    lambda children: (
+        st.lists(children, max_size=3).map(lambda items: "[" + ",".join(items) + "]")
+        | st.lists(
+            st.tuples(
+                key_text.map(json.dumps) | st.just('"\\u0061"'),
+                st.sampled_from(["", " ", "\n\t"]),
+                children,
+            ),
+            max_size=4,
+        ).map(lambda pairs: "{" + ",".join(f"{k}{ws}:{ws}{v}" for k, ws, v in pairs) + "}")
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_text)
+def test_the_fast_reading_agrees_with_the_strict_one(text: str) -> None:
+    raw = text.encode()
+
+    def reading(decode: Any) -> tuple[str, Any]:
+        try:
+            return "ok", decode(raw)
+        except InspectError as exc:
+            return "refused", exc.code
+
+    assert reading(inspector._decode) == reading(inspector._decode_strictly)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a": 1, "\\u0061": 2}',  # the same key, spelt two ways
+        b'{"x": {"k": 1, "k" : 2}}',  # repeated deeper down
+        b'[{"a": 1}, {"b": {"c": [1, {"d": 1, "d": 1}]}}]',
+        b'{"s": "\\"k\\": 1", "k": 1, "k": 2}',  # a quoted colon inside a string value
+        b'{"a":1,"a":2}',  # compact: what orjson alone would read as {"a": 2}
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}',
+    ],
+)
+def test_a_repeated_key_anywhere_is_refused(raw: bytes) -> None:
+    with pytest.raises(InspectError) as error:
+        inspector._decode(raw)
+    assert "repeated key" in error.value.message
+
+
+def _guard() -> ServerGuard:
+    policy = policy_for(("s/search",), None, frozenset({"s"}))
+    assert policy is not None
+    return ServerGuard(policy, "s", LIMIT)
+
+
+STREAMABLE = CIMultiDictProxy(CIMultiDict({"Accept": "application/json, text/event-stream"}))
+
+
+def test_a_body_names_its_call_for_the_record_as_it_is_checked() -> None:
+    guard = _guard()
+    allowed, denied = Exchange("r1", 0.0), Exchange("r2", 0.0)
+    assert guard.check(allowed, STREAMABLE, body(call("search"))) is None
+    assert (allowed.named, allowed.mcp_method, allowed.tool) == (True, "tools/call", "search")
+    assert guard.check(denied, STREAMABLE, body(call("delete_repo"))) is not None
+    assert (denied.mcp_method, denied.tool) == ("tools/call", "delete_repo")
+
+
+@pytest.mark.parametrize(
+    ("sent", "filtered"),
+    [
+        ({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}, True),
+        ([call("search"), {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}], True),
+        (call("search"), False),
+        ({"jsonrpc": "2.0", "method": "notifications/initialized"}, False),
+    ],
+)
+def test_a_posts_answer_is_filtered_when_the_post_asked_for_tools(
+    sent: Any, filtered: bool
+) -> None:
+    guard, seen = _guard(), Exchange("r", 0.0)
+    assert guard.check(seen, STREAMABLE, body(sent)) is None
+    json_answer = CIMultiDict({"Content-Type": "application/json"})
+    answer_filter = guard.answers_to_post(seen, 200, json_answer)
+    assert (answer_filter is not None) == filtered
+    # A GET's stream is always filtered: the server sends what it likes there.
+    sse = CIMultiDict({"Content-Type": "text/event-stream"})
+    assert guard.answers(200, sse) is not None

@@ -23,6 +23,8 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
+import orjson
+
 MAX_TOOL_NAME = 256
 _BOM = b"\xef\xbb\xbf"
 # The common tool name: plain ASCII, nothing for Unicode normalisation to change.
@@ -115,6 +117,21 @@ def _plain(content_encoding: Sequence[str]) -> None:
 def _decode(body: bytes) -> Any:
     if body.startswith(_BOM):
         raise invalid("a byte order mark before the JSON")
+    try:
+        decoded = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _decode_strictly(body)  # which says why, or reads what orjson cannot
+    # orjson keeps one value of a repeated key without a word. A body that is byte for byte
+    # what orjson writes for what it read (compact JSON, as MCP clients send it) holds no
+    # repeated key, since a serialiser never writes one; any other body is read strictly.
+    if orjson.dumps(decoded) == body:
+        return decoded
+    return _decode_strictly(body)
+
+
+def _decode_strictly(body: bytes) -> Any:
+    """What orjson refuses (invalid JSON, but also integers past 64 bits, a lone surrogate,
+    nesting past 1,024), read by the standard library's decoder, which says why."""
     try:
         return _DECODER.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
