@@ -114,7 +114,6 @@ class Config:
     profile_seconds: int
     stats_settle: float
     keep: bool
-    uvloop: bool
     only: frozenset[str] = frozenset()  # phases to run; empty: all
     load_cpus: set[int] = field(default_factory=set)
     server_cpus: set[int] = field(default_factory=set)
@@ -139,11 +138,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     parser.add_argument(
         "--only", help=f"comma-separated phases to run (all: {','.join(PHASES)})", default=""
-    )
-    parser.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="experiment: also measure `keystile serve` on uvloop (uvloop must be importable)",
     )
     a = parser.parse_args(argv)
     q = a.quick
@@ -170,7 +164,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
         profile_seconds=a.profile_seconds if a.profile_seconds is not None else (0 if q else 10),
         stats_settle=1.0 if q else 11.0,
         keep=a.keep,
-        uvloop=a.uvloop,
         only=frozenset(filter(None, a.only.split(","))),
     )
     if unknown := cfg.only - set(PHASES):
@@ -316,15 +309,8 @@ def tcp_listeners(port: int) -> int:
 
 
 def python_path() -> str:
-    """The repository first, then whatever PYTHONPATH already held (e.g. an uvloop dir)."""
+    """The repository first, then whatever PYTHONPATH already held."""
     return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-
-
-# `keystile serve` on uvloop, without touching the product: set the policy, then the CLI.
-UVLOOP_SERVE = (
-    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-    "sys.argv[0] = 'keystile'; from keystile.cli import main; main()"
-)
 
 
 def median(values: list[float]) -> float:
@@ -379,8 +365,7 @@ class Bench:
             self.procs.remove(proc)
 
     async def start_keystile(self, name: str, db_url: str, *, workers: int = 1) -> Proc:
-        entry = ["-c", UVLOOP_SERVE] if name.endswith("uvloop") else ["-m", "keystile.cli"]
-        argv = [PY, *entry, "serve", "--config", str(self.keystile_cfg[name])]
+        argv = [PY, "-m", "keystile.cli", "serve", "--config", str(self.keystile_cfg[name])]
         if workers > 1:
             argv += ["--workers", str(workers)]
         proc = self.spawn(name, argv, self.cfg.server_cpus or None, DATABASE_URL=db_url)
@@ -458,7 +443,8 @@ class Bench:
             ("keystile_no_calls", "", "[usage]\nrecord_calls = false\n"),
             ("keystile_2_workers", "", ""),
             ("keystile_scale", "", ""),
-            ("keystile_uvloop", "", ""),
+            # What the event loop (uvloop by default) is worth: the defaults on asyncio's.
+            ("keystile_asyncio_loop", 'event_loop = "asyncio"\n', ""),
         ):
             gw, adm = free_port(), free_port()
             self._gw_ports[name], self.admin_ports[name] = gw, adm
@@ -534,8 +520,7 @@ class Bench:
         self.rss_keys = all_keys[cfg.cold_keys + cfg.herd_keys :]
 
         more = [("keystile_no_access_log", 1), ("keystile_no_calls", 1), ("keystile_2_workers", 2)]
-        if cfg.uvloop:
-            more.append(("keystile_uvloop", 1))
+        more.append(("keystile_asyncio_loop", 1))
         for name, workers in more:
             self.targets[name] = Target(name, self._gw_ports[name], [])
             proc = await self.start_keystile(name, self.main_url, workers=workers)
@@ -640,7 +625,7 @@ class Bench:
         cfg = self.cfg
         order = ["reference", "keystile", "keystile_policy", "keystile_oauth", "keystile_no_calls"]
         order += ["keystile_no_access_log", "keystile_2_workers"]
-        order += ["keystile_uvloop"] if cfg.uvloop else []
+        order += ["keystile_asyncio_loop"]
         order += ["nginx"]
         for name in order:  # warm connections, pools and caches; not recorded
             await self.wrk_once(self.targets[name], cfg.warmup, cfg.load_cpus or None)
@@ -1597,7 +1582,7 @@ class Bench:
                 self.results.setdefault(name, {"error": self.errors[name]})
                 traceback.print_exc()
             if name == "streaming":  # no longer needed: free the server core
-                for gone in ("nginx", "reference", "keystile_2_workers", "keystile_uvloop"):
+                for gone in ("nginx", "reference", "keystile_2_workers", "keystile_asyncio_loop"):
                     for proc in self.targets[gone].procs if gone in self.targets else []:
                         self.stop(proc)
         self.results["meta"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]

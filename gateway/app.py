@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from gateway import event_loop
 from gateway.accesslog import access_logger_class, flush_access_log
 from gateway.config import Settings
 from gateway.cors import CorsPolicy
@@ -225,7 +226,12 @@ async def serve_until_signalled(
         admin = await planes.enter_async_context(
             admin_plane(admin_factory(runtime), settings, reuse_port=reuse_port)
         )
-        log.info("gateway on %s, admin on %s", settings.gateway.listen, settings.admin.listen)
+        log.info(
+            "gateway on %s, admin on %s (event loop: %s)",
+            settings.gateway.listen,
+            settings.admin.listen,
+            event_loop.running_loop_name(),
+        )
         # What exists now lives as long as the process: keep the cyclic collector from
         # walking it on every full collection, and let it run less often under load.
         gc.freeze()

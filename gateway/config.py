@@ -56,6 +56,7 @@ class GatewaySettings:
     stream_idle_timeout: float = 0.0
     access_log: bool = True
     access_log_format: str = "text"  # "text": one readable line; "json": one object per line
+    event_loop: str = "uvloop"  # "uvloop" (C, where installed) or "asyncio" (gateway.event_loop)
     shutdown_timeout: float = 30.0
     keepalive_timeout: float = 30.0  # idle connection, or one trickling a request head
     body_timeout: float = 30.0  # longest silence while a request body is read
@@ -493,6 +494,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("gateway", "stream_idle_timeout"): _number(0),
     ("gateway", "access_log"): _boolean,
     ("gateway", "access_log_format"): _choice("text", "json"),
+    ("gateway", "event_loop"): _choice("uvloop", "asyncio"),
     ("gateway", "shutdown_timeout"): _number(0),
     ("gateway", "keepalive_timeout"): _number(0, exclusive=True),
     ("gateway", "body_timeout"): _number(0, exclusive=True),

@@ -141,14 +141,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _run_server(settings: Settings, url: str, *, reuse_port: bool) -> int:
     from admin.api import create_admin_app
+    from gateway import event_loop
     from gateway.app import serve_until_signalled
     from gateway.runtime import open_runtime
 
     try:
-        asyncio.run(
+        event_loop.run(
             serve_until_signalled(
                 open_runtime(settings, url), create_admin_app, reuse_port=reuse_port
-            )
+            ),
+            settings.gateway.event_loop,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         log.error("cannot serve: %s: %s", type(exc).__name__, exc)
@@ -240,11 +242,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     _setup_logging(settings)
+    from gateway import event_loop
     from keystile.demo import run_demo
 
     try:
         with database_url(settings) as url:
-            asyncio.run(run_demo(settings, url, configured=args.config is not None))
+            demo = run_demo(settings, url, configured=args.config is not None)
+            event_loop.run(demo, settings.gateway.event_loop)
     except (EmbeddedPostgresError, OSError) as exc:
         log.error("%s", exc)
         return EXIT_FAILURE

@@ -131,6 +131,7 @@ MISTAKES = [
         "mcp_servers.github.headers.X:A",
         "",
     ),
+    ("event loop", '[gateway]\nevent_loop = "trio"', "gateway.event_loop", "uvloop"),
     ("chat url", '[chat]\nurl = "localhost:9000"', "chat.url", "http"),
     ("chat unknown key", '[chat]\nurl = "http://h"\nmodel = "x"', "chat.model", "unknown setting"),
     (

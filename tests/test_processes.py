@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 from aiohttp import web
 
 from tests.processes import ServeProcess, keystile_cli
@@ -261,3 +262,18 @@ async def test_sigterm_drains_requests_ends_streams_and_flushes_last_used(
     finally:
         await conn.close()
     assert used is not None  # flushed at shutdown, though the interval is an hour
+
+
+@pytest.mark.parametrize(("configured", "serving"), [("", "uvloop"), ("asyncio", "asyncio")])
+async def test_serve_runs_on_the_configured_event_loop(
+    database_url: str, tmp_path: Path, configured: str, serving: str
+) -> None:
+    """uvloop by default, asyncio's own loop when configured; either one serves."""
+    gateway_toml = f'event_loop = "{configured}"\n' if configured else ""
+    proc = ServeProcess(database_url, tmp_path, gateway_toml=gateway_toml)
+    try:
+        assert (await proc.wait_ready())["status"] == "ready"
+        await wait_until(lambda: "event loop:" in proc.stderr(), message=proc.stderr)
+        assert f"(event loop: {serving})" in proc.stderr()
+    finally:
+        proc.close()
