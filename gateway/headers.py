@@ -112,12 +112,10 @@ def upstream_request_headers(
         replaced |= configured
     out: list[tuple[str, str]] = []
     for name, value in incoming.items():
-        lower = name.lower()
-        if lower in _REQUEST_DROP or lower in listed or lower in replaced:
+        lower, kind = _request_header_kinds.get(name) or _classify(name)
+        if kind is _DROPPED or lower in listed or lower in replaced:
             continue
-        if lower.startswith(_OWNED_PREFIX) or ("_" in lower and _owned_spelling(lower)):
-            continue
-        if lower in _FORWARDED and not (trusted_client and lower == "forwarded"):
+        if kind is _REBUILT and not (trusted_client and lower == "forwarded"):
             continue  # X-Forwarded-* are rebuilt below from the kept values
         out.append((name, value))
     if trusted_client:
@@ -131,6 +129,28 @@ def upstream_request_headers(
     out += identity
     out += extra.items()
     return out
+
+
+# What becomes of a client's request header, by its name alone.
+_PASSED, _DROPPED, _REBUILT = "passed", "dropped", "rebuilt"
+# A client sends the same few names on every request: each one's lower-case spelling and fate
+# are worked out once. Bounded, since the names are the client's to choose.
+_request_header_kinds: dict[str, tuple[str, str]] = {}
+_KINDS_MAX = 4096
+
+
+def _classify(name: str) -> tuple[str, str]:
+    lower = name.lower()
+    owned = lower.startswith(_OWNED_PREFIX) or ("_" in lower and _owned_spelling(lower))
+    if owned or lower in _REQUEST_DROP:
+        kind = _DROPPED
+    elif lower in _FORWARDED:
+        kind = _REBUILT
+    else:
+        kind = _PASSED
+    if len(_request_header_kinds) < _KINDS_MAX:
+        _request_header_kinds[name] = (lower, kind)
+    return lower, kind
 
 
 def without(headers: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
@@ -148,7 +168,8 @@ def _owned_spelling(name: str) -> bool:
 
 
 def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:
-    """Upstream response headers to send to the client: all but hop-by-hop ones."""
+    """Upstream response headers to send to the client: all but hop-by-hop ones. (A copy:
+    the upstream client still reads the answer's framing from the originals.)"""
     listed = _connection_listed(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():

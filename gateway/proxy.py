@@ -158,7 +158,9 @@ class Forwarder:
         try:
             sent = time.monotonic()
             upstream = await self._send(request, url, headers, data, watch)
-            if isinstance(upstream, web.StreamResponse):
+            # (Not isinstance(upstream, web.StreamResponse): an abstract base class's check
+            # costs several times a plain class's, on every request.)
+            if not isinstance(upstream, UpstreamResponse):
                 return upstream
             self._metrics.upstream_headers(label, time.monotonic() - sent)
             async with upstream:
