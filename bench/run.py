@@ -115,6 +115,8 @@ class Config:
     stats_settle: float
     keep: bool
     only: frozenset[str] = frozenset()  # phases to run; empty: all
+    # Experiment: the upstream on the load core, so the server core runs the proxy alone.
+    upstream_on_load_core: bool = False
     load_cpus: set[int] = field(default_factory=set)
     server_cpus: set[int] = field(default_factory=set)
 
@@ -138,6 +140,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs)")
     parser.add_argument(
         "--only", help=f"comma-separated phases to run (all: {','.join(PHASES)})", default=""
+    )
+    parser.add_argument(
+        "--upstream-on-load-core",
+        action="store_true",
+        help="experiment: run the upstream beside wrk, leaving the server core to the proxy",
     )
     a = parser.parse_args(argv)
     q = a.quick
@@ -165,6 +172,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         stats_settle=1.0 if q else 11.0,
         keep=a.keep,
         only=frozenset(filter(None, a.only.split(","))),
+        upstream_on_load_core=a.upstream_on_load_core,
     )
     if unknown := cfg.only - set(PHASES):
         parser.error(f"--only: unknown phase(s) {', '.join(sorted(unknown))}")
@@ -438,7 +446,7 @@ class Bench:
         up = self.spawn(
             "upstream",
             [PY, "-m", "bench.upstream", "--port", str(self.upstream_port)],
-            cfg.server_cpus or None,
+            (cfg.load_cpus if cfg.upstream_on_load_core else cfg.server_cpus) or None,
         )
         wait_port(self.upstream_port, proc=up)
 
@@ -659,10 +667,12 @@ class Bench:
                 f"{cfg.rounds} rounds x {len(order)} targets x {cfg.seconds:g} s, order rotated "
                 f"each round; wrk -t1 -c{cfg.connections} keep-alive POST of a "
                 f"{len(loadgen.JSONRPC_BODY)}-byte JSON-RPC body with a Bearer key; wrk and "
-                f"driver on CPU {sorted(cfg.load_cpus)}, upstream and proxy under test on CPU "
-                f"{sorted(cfg.server_cpus)}; CPU = utime+stime of the proxy's processes over "
-                "the wrk run / requests completed; summary = median over rounds; ratios = "
-                "median of the per-round ratios."
+                f"driver on CPU {sorted(cfg.load_cpus)}, "
+                + ("upstream too, " if cfg.upstream_on_load_core else "upstream and ")
+                + f"proxy under test on CPU {sorted(cfg.server_cpus)}; "
+                "CPU = utime+stime of the proxy's processes over the wrk run / requests "
+                "completed; summary = median over rounds; ratios = median of the per-round "
+                "ratios."
             ),
             "rounds": rounds,
             "summary": summary,
