@@ -168,9 +168,9 @@ def mcp_names(
                 found = params.get("name")
                 name = found if isinstance(found, str) else None
     tool = name if method == "tools/call" else None
-    return _bounded(method), _bounded(tool)
+    return bounded(method), bounded(tool)
 
 
-def _bounded(value: str | None) -> str | None:
-    # Recorded values come from clients: kept short, so a record stays small.
+def bounded(value: str | None) -> str | None:
+    """A recorded name: it comes from a client, so it is kept short (a record stays small)."""
     return value[:200] if value is not None else None

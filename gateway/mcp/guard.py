@@ -20,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import policy as scope
+from gateway.calls import bounded
 from gateway.errors import ApiError
 from gateway.mcp.inspect import InspectError, Inspection, inspect
 from gateway.mcp.listing import JsonListFilter, SseListFilter
@@ -28,7 +29,6 @@ from gateway.models import Principal
 from gateway.transform import BodyTransform, StreamRefused
 
 _DENIED = -32602
-_NAME_LIMIT = 200  # recorded names come from clients: kept short, as gateway.calls keeps them
 
 
 def tool_not_allowed(tool: str) -> ApiError:
@@ -146,8 +146,7 @@ def _name(names: Inspected, inspection: Inspection) -> None:
     message = inspection.messages[0]
     method = message.method
     tool = message.name if method == "tools/call" else None
-    names.mcp_method = method[:_NAME_LIMIT] if method is not None else None
-    names.tool = tool[:_NAME_LIMIT] if tool is not None else None
+    names.mcp_method, names.tool = bounded(method), bounded(tool)
 
 
 def _streamable(headers: CIMultiDictProxy[str]) -> bool:
