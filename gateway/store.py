@@ -348,7 +348,9 @@ class Store:
             assert row is not None
             key = key_of(row)
             await audit(conn, actor, "key.create", "key", key_id, _key_audit(key))
-            await notify(conn, "key", key_id)  # drops any cached "unknown key" verdict
+            # No NOTIFY: nothing anywhere can hold a verdict on a key minted just now (its id
+            # and secret are new; bad-key verdicts are kept by the full key's digest). A
+            # notice would only evict the key from caches that had just verified it.
             return key
 
     async def key(self, workspace_id: str, key_id: str) -> ApiKey | None:

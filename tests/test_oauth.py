@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -718,10 +718,6 @@ async def test_a_user_who_loses_the_server_gets_401_not_403(flow: Flow) -> None:
     assert refused.body["error_description"] == "The grant's user may no longer reach this server."
 
 
-def _more_than(ks: Keystile, heard: float) -> Callable[[], bool]:
-    return lambda: ks.runtime.metrics.count("invalidations") > heard
-
-
 async def test_revocation_reaches_another_instance(
     flow: Flow, database_url: str, upstream: Upstream
 ) -> None:
@@ -734,10 +730,7 @@ async def test_revocation_reaches_another_instance(
         await wait_until(lambda: other.runtime.listener.connected)
         _, key = await approver(flow.ks)
         for revoke_with in ("oauth", "admin"):
-            heard = other.runtime.metrics.count("invalidations")
             tokens = await flow.connect(key.key)
-            # The grant's creation is announced too; heard after caching, it would evict.
-            await wait_until(_more_than(other, heard))
             assert (await other.request("GET", "/mcp-connect/github/", tokens.access))[0] == 200
             assert other.runtime.cache.get(tokens.grant_id) is not None
             if revoke_with == "oauth":

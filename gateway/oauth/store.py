@@ -338,7 +338,7 @@ class OAuthStore:
                 "approved_with": approver.key.id,
             }
             await audit(conn, actor, "oauth.grant", "key", plan.grant_id, changes)
-            await notify(conn, "key", plan.grant_id)  # drops any cached "unknown" verdict
+            # No NOTIFY, as for a new key (gateway.store.create_key): a new grant is in no cache.
             return key_of(row)
 
     # --- refresh and revocation ---
