@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,6 +20,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: held open together while they are picked (one port freed
+    and asked for again can come back the same)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def keystile_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
@@ -44,8 +55,7 @@ class ServeProcess:
         extra_toml: str = "",
         workers: int = 1,
     ) -> None:
-        self.gateway_port = free_port()
-        self.admin_port = free_port()
+        self.gateway_port, self.admin_port = free_ports(2)
         self.config = Path(tempfile.mkstemp(suffix=".toml", dir=config_dir)[1])
         self.config.write_text(
             f'[gateway]\nlisten = "127.0.0.1:{self.gateway_port}"\naccess_log = false\n'

@@ -39,7 +39,7 @@ from aiohttp import web
 from gateway.config import Settings, load_settings
 from gateway.db import migrations
 from gateway.metrics import Metrics
-from tests.processes import free_port
+from tests.processes import free_port, free_ports
 from tests.support import DEADLINE, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,7 +380,7 @@ async def test_the_container_command_serves_passes_its_healthcheck_and_drains_on
 ) -> None:
     config = tmp_path / "keystile.toml"
     config.write_text(CONFIGS[config_name]())
-    gateway_port, admin_port = free_port(), free_port()
+    gateway_port, admin_port = free_ports(2)
     env = container_env(
         tmp_path,
         DATABASE_URL=database_url,
@@ -656,7 +656,9 @@ async def test_the_compose_stack_on_loopback_balances_streams_and_revokes_everyw
     home.mkdir()
     base_env = container_env(home, PYTHONPATH=no_embedded_postgres(tmp_path / "site"))
 
-    sample_port = free_port()
+    names = keystile_services()
+    # Every port this test serves on, distinct (one port freed and asked for again can repeat).
+    sample_port, lb_port, *replica_ports = free_ports(2 + 2 * len(names))
     sample = services["sample-mcp"]
     sample_command = [*sample["entrypoint"], *sample["command"]]
     sample_command = [
@@ -672,9 +674,8 @@ async def test_the_compose_stack_on_loopback_balances_streams_and_revokes_everyw
     )
 
     replicas: dict[str, tuple[int, int]] = {
-        n: (free_port(), free_port()) for n in keystile_services()
+        n: (replica_ports[2 * i], replica_ports[2 * i + 1]) for i, n in enumerate(names)
     }
-    lb_port = free_port()
     lb = f"http://127.0.0.1:{lb_port}"
     nginx_dir = tmp_path / "nginx"
     nginx_dir.mkdir()
