@@ -79,10 +79,8 @@ class ServerGuard:
     (a TransformFactory) filters what comes back."""
 
     def __init__(self, policy: ToolPolicy, server: str, limit: int) -> None:
-        self._policy = policy
-        self._server = server
         self.limit = limit
-        self._allows = functools.partial(policy.allows, server)
+        self._allows = functools.partial(policy.allows, server)  # a tool name -> allowed
 
     def check(
         self, seen: Inspected, headers: CIMultiDictProxy[str], body: bytes
@@ -103,7 +101,7 @@ class ServerGuard:
         seen.lists_tools = any(m.method == "tools/list" for m in inspection.messages)
         for call in inspection.tool_calls():
             assert call.name is not None  # the inspector guarantees a tools/call names its tool
-            if self._policy.allows(self._server, call.name):
+            if self._allows(call.name):
                 continue
             if inspection.batch or not _streamable(headers):
                 return tool_not_allowed(call.name).response()
