@@ -114,6 +114,7 @@ class UsageSettings:
     # Call records (SPEC §7): one per request made with a verified key, written in batches.
     record_calls: bool = True
     max_pending_calls: int = 100_000
+    flush_batch_calls: int = 500  # written as soon as this many records wait
     retention_days: int = 30
 
 
@@ -529,6 +530,7 @@ _PARSERS: dict[tuple[str, str], Callable[[Any], Any]] = {
     ("usage", "max_pending"): _integer(1),
     ("usage", "record_calls"): _boolean,
     ("usage", "max_pending_calls"): _integer(1),
+    ("usage", "flush_batch_calls"): _integer(1),
     ("usage", "retention_days"): _integer(1, 3650),
     ("mcp", "max_inspect_bytes"): _integer(1024, 64 * 1024 * 1024),
     ("mcp", "discovery_timeout_seconds"): _number(0, exclusive=True),

@@ -130,6 +130,7 @@ async def open_runtime(settings: Settings, database_url: str) -> AsyncIterator[R
             metrics,
             interval=settings.usage.flush_interval_seconds,
             max_pending=settings.usage.max_pending_calls,
+            batch=settings.usage.flush_batch_calls,
         )
         retention = RetentionTask(pool, settings.usage.retention_days)
     listener = InvalidationListener(

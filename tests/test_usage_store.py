@@ -422,6 +422,65 @@ async def test_the_call_recorder_keeps_a_failed_batch_and_writes_it_once(
     assert stored == [r.request_id for r in records]  # oldest first, each once
 
 
+async def test_a_full_batch_of_call_records_is_written_before_the_interval(
+    pool: asyncpg.Pool,
+) -> None:
+    async def write(batch: list[CallRecord]) -> None:
+        await write_calls(pool, batch)
+
+    # The interval never comes during the test: only the batch can start the write.
+    recorder = CallRecorder(write, Metrics(), interval=3600, max_pending=10_000, batch=50)
+    recorder.start()
+    try:
+        records = random_records(120, seed=9)
+        for r in records[:49]:
+            recorder.record(r)
+        assert recorder.pending == 49
+        recorder.record(records[49])
+
+        async def written(n: int) -> bool:
+            return (await counts(pool))[0] == n
+
+        await wait_until(lambda: written(50), message="a full batch was not written")
+        for r in records[50:100]:
+            recorder.record(r)
+        await wait_until(lambda: written(100), message="the second batch was not written")
+        for r in records[100:]:
+            recorder.record(r)
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert recorder.pending == 20  # less than a batch: waits for the interval
+    finally:
+        await recorder.stop()
+    assert (await counts(pool))[0] == 120  # the rest, at shutdown
+
+
+async def test_a_full_batch_that_fails_is_retried_after_the_interval_not_at_once() -> None:
+    attempts = 0
+
+    async def write(batch: list[CallRecord]) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionResetError("the database is away")
+
+    recorder = CallRecorder(write, Metrics(), interval=3600, max_pending=10_000, batch=10)
+    recorder.start()
+    try:
+        for r in random_records(10, seed=10):
+            recorder.record(r)
+
+        async def tried() -> bool:
+            return attempts == 1
+
+        await wait_until(tried, message="a full batch was not written")
+        for _ in range(100):  # a retry in a tight loop would have run by now
+            await asyncio.sleep(0)
+        assert attempts == 1
+        assert recorder.pending == 10  # kept for the next try
+    finally:
+        await recorder.stop()
+
+
 HOLD_TRIGGER = """
 CREATE FUNCTION test_hold_rollup() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;
