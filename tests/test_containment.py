@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from gateway import dataplane
-from gateway.accesslog import redacted_target
+from gateway.accesslog import AccessLogBuffer, redacted_target
 from gateway.app import bound_port
 from gateway.config import UpstreamSettings
 from gateway.listen import RepeatFilter, connection_budget
@@ -297,3 +298,17 @@ async def test_an_unexpected_error_answers_json_500(
 )
 def test_credential_like_query_values_are_redacted(target: str, expected: str) -> None:
     assert redacted_target(target) == expected
+
+
+def test_an_access_line_is_formatted_when_written_with_its_query_redacted() -> None:
+    out = io.StringIO()
+    buffer = AccessLogBuffer(out)
+    when = 1795688102.9  # 2026-11-26T10:15:02Z
+    buffer.append_fields((when, "10.0.0.7", "POST", "/mcp-connect/g/mcp?token=t", 200, 183, 0.0014))
+    buffer.append_fields((when + 1, None, "GET", "/healthz", 200, 15, 0.0002))
+    assert out.getvalue() == ""  # nothing is written before the flush
+    buffer.flush()
+    assert out.getvalue().splitlines() == [
+        '2026-11-26T10:15:02Z 10.0.0.7 "POST /mcp-connect/g/mcp?token=REDACTED" 200 183 1.4ms',
+        '2026-11-26T10:15:03Z None "GET /healthz" 200 15 0.2ms',
+    ]
