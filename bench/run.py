@@ -70,6 +70,16 @@ POLICY_TARGET = 0.15
 # An OAuth access token on the hot path (SPEC §9): verified on the key's cache path, so its
 # CPU per request should equal a key's; "equal" is within this much either way (run noise).
 OAUTH_NOISE = 0.05
+# The paired phase: two targets loaded at the same moment, each by its own wrk, their
+# processes sharing the server core, so both see the same machine (see bench/README.md).
+# (base, other): the ratio reported is other's CPU per request / base's.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("reference", "keystile"),
+    ("reference", "keystile_no_calls"),
+    ("keystile", "keystile_twin"),  # the control: identical processes, the same key
+    ("keystile", "keystile_twin_policy"),
+    ("keystile", "keystile_twin_oauth"),
+)
 # GET /api/usage for one key over 7 days, on a store of 10M call records: the target (ms).
 USAGE_TARGET_MS = 200.0
 USAGE_USERS = 4
@@ -78,6 +88,7 @@ USAGE_DAYS = 30
 USAGE_TOOLS = ["search", "get_issue", "list_files", "create_pr", "comment", "get_file", "run"]
 PHASES = (
     "throughput",
+    "paired",
     "workers",
     "profile",
     "streaming",
@@ -456,6 +467,8 @@ class Bench:
             ("keystile_no_access_log", "access_log = false\n", ""),
             ("keystile_no_calls", "", "[usage]\nrecord_calls = false\n"),
             ("keystile_2_workers", "", ""),
+            # The defaults again, for the paired phase: a second process beside `keystile`.
+            ("keystile_twin", "", ""),
             ("keystile_scale", "", ""),
             # What the event loop (uvloop by default) is worth: the defaults on asyncio's.
             ("keystile_asyncio_loop", 'event_loop = "asyncio"\n', ""),
@@ -534,11 +547,19 @@ class Bench:
         self.rss_keys = all_keys[cfg.cold_keys + cfg.herd_keys :]
 
         more = [("keystile_no_access_log", 1), ("keystile_no_calls", 1), ("keystile_2_workers", 2)]
-        more.append(("keystile_asyncio_loop", 1))
+        more += [("keystile_asyncio_loop", 1), ("keystile_twin", 1)]
         for name, workers in more:
             self.targets[name] = Target(name, self._gw_ports[name], [])
             proc = await self.start_keystile(name, self.main_url, workers=workers)
             self.targets[name].procs.append(proc)
+        twin = self.targets["keystile_twin"]
+        for variant in ("policy", "oauth"):  # the same scripts, against the twin process
+            self.targets[f"keystile_twin_{variant}"] = Target(
+                f"keystile_twin_{variant}",
+                twin.port,
+                twin.procs,
+                self.targets[f"keystile_{variant}"].script,
+            )
 
         keys_file = self.work / "reference-keys.txt"
         keys_file.write_text(self.hot_key + "\n")
@@ -794,6 +815,76 @@ class Bench:
             "errors": token["errors"],
             "target": f"equal within +-{OAUTH_NOISE:.0%}",
             "met": abs(difference) <= OAUTH_NOISE and token["errors"] == 0,
+        }
+
+    # --- paired: two targets loaded at the same moment ---
+
+    async def paired(self) -> None:
+        """Each pair of PAIRS loaded at once, each target by its own wrk (the connections of
+        the throughput rounds each), their processes sharing the server core: the ratio of
+        their CPU per request is taken over the same seconds of the same machine, so the
+        machine's drift, which moves a target's CPU per request by ±20 % from one round to
+        the next, cancels out. Pairs rotate each round."""
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+        for r in range(cfg.rounds):
+            for base, other in PAIRS[r % len(PAIRS) :] + PAIRS[: r % len(PAIRS)]:
+                row = await self._pair_once(base, other, cfg.seconds)
+                rows.append({"round": r + 1, **row})
+                print(
+                    f"  {other} / {base}: {row['ratio']:.3f} "
+                    f"({row['other_cpu_us_per_req']} / {row['base_cpu_us_per_req']} us/req, "
+                    f"other load {row['other_load_cores']})",
+                    flush=True,
+                )
+                await asyncio.sleep(0.5)
+        self.results["paired"] = {
+            "method": (
+                f"{cfg.rounds} rounds x {len(PAIRS)} pairs x {cfg.seconds:g} s; in each, both "
+                f"targets loaded at once by two wrk -t1 -c{cfg.connections} (on CPU "
+                f"{sorted(cfg.load_cpus)}), their processes and the upstream sharing CPU "
+                f"{sorted(cfg.server_cpus)}; ratio = other's CPU us/req / base's over the same "
+                "window; summary = median, min, max over rounds. keystile_twin is a second "
+                "process with keystile's configuration: keystile_twin / keystile (the same key) "
+                "is the control, what two identical processes differ by."
+            ),
+            "rounds": rows,
+            "summary": summarise_pairs(rows),
+        }
+
+    async def _pair_once(self, base: str, other: str, seconds: float) -> dict[str, Any]:
+        assert self.wrk is not None
+        a, b = self.targets[base], self.targets[other]
+        window = CpuWindow({"base": a, "other": b})
+
+        async def load(target: Target) -> loadgen.WrkResult:
+            assert self.wrk is not None
+            return await loadgen.run_wrk(
+                self.wrk,
+                target.url,
+                target.script or self._script,
+                seconds=seconds,
+                connections=self.cfg.connections,
+                cpus=self.cfg.load_cpus or None,
+            )
+
+        res_a, res_b = await asyncio.gather(load(a), load(b))
+        cpu = window.stop()
+        per_a = cpu["base"] * 1e6 / max(res_a.requests, 1)
+        per_b = cpu["other"] * 1e6 / max(res_b.requests, 1)
+        return {
+            "base": base,
+            "other": other,
+            "base_rps": round(res_a.rps, 1),
+            "other_rps": round(res_b.rps, 1),
+            "base_cpu_us_per_req": round(per_a, 1),
+            "other_cpu_us_per_req": round(per_b, 1),
+            "ratio": round(per_b / per_a, 4) if per_a else float("nan"),
+            "errors": {
+                name: {k: v for k, v in res.errors.items() if v}
+                for name, res in ((base, res_a), (other, res_b))
+            },
+            "other_load_cores": r3(cpu["other_cores"]),
         }
 
     # --- workers ---
@@ -1576,6 +1667,7 @@ class Bench:
         await self.setup()
         steps: dict[str, Callable[[], Awaitable[None]]] = {
             "throughput": self.throughput,
+            "paired": self.paired,
             "workers": self.workers_unpinned,
             "profile": self.profile_hot_path,
             "streaming": self.streaming,
@@ -1620,7 +1712,7 @@ class Bench:
         if "ratio_keystile_to_reference" in hot:
             add(
                 "3",
-                "Keystile CPU us/req vs reference",
+                "Keystile CPU us/req vs reference (sequential rounds: median of per-round ratios)",
                 f"<= {TARGET_RATIO}x",
                 f"{hot['keystile_cpu_us_per_req']} vs {hot['reference_cpu_us_per_req']} us "
                 f"= {hot['ratio_keystile_to_reference']}x",
@@ -1629,7 +1721,8 @@ class Bench:
             calls = hot["call_records"]
             add(
                 "3",
-                "call records on (the default) vs off: CPU us/req, ratio to reference",
+                "call records on (the default) vs off: CPU us/req, ratio to reference "
+                "(sequential rounds)",
                 f"on <= {TARGET_RATIO}x",
                 f"on {calls['cpu_us_per_req_on']} us = {calls['ratio_to_reference_on']}x; "
                 f"off {calls['cpu_us_per_req_off']} us = {calls['ratio_to_reference_off']}x; "
@@ -1639,7 +1732,8 @@ class Bench:
             policy = hot["tool_policy"]
             add(
                 "3",
-                "a 3-pattern tool policy's extra CPU us/req (median of per-round ratios)",
+                "a 3-pattern tool policy's extra CPU us/req (sequential rounds: median of "
+                "per-round ratios)",
                 f"<= +{POLICY_TARGET:.0%}",
                 f"{policy['cpu_us_per_req_policy']} vs {policy['cpu_us_per_req_no_policy']} us "
                 f"= {policy['extra_cpu']:+.1%}",
@@ -1648,7 +1742,8 @@ class Bench:
             oauth = hot["oauth_token"]
             add(
                 "5",
-                "an OAuth access token's CPU us/req vs a key's (median of per-round ratios)",
+                "an OAuth access token's CPU us/req vs a key's (sequential rounds: median of "
+                "per-round ratios)",
                 oauth["target"],
                 f"{oauth['cpu_us_per_req_token']} vs {oauth['cpu_us_per_req_key']} us "
                 f"= {oauth['difference']:+.1%}; {oauth['errors']} errors",
@@ -1671,6 +1766,7 @@ class Bench:
                 f"{lookups} lookups; {misses} cache misses",
                 lookups <= allowed and misses <= allowed * sharing,
             )
+        self._paired_checks(add)
         herd = r.get("herd", {})
         if "statuses" in herd:
             # int keys as measured; str keys once the results went through JSON
@@ -1723,6 +1819,65 @@ class Bench:
             add("-", f"phase {name} completed", "no error", self.errors[name], False)
         return checks
 
+    def _paired_checks(self, add: Callable[[str, str, str, Any, bool | None], None]) -> None:
+        """The paired phase's figures against the same targets. The policy's and the token's
+        ratios are taken against the control's (the twin with the plain key), so that what
+        two identical processes differ by is not counted as their cost."""
+        pairs = self.results.get("paired", {}).get("summary", {})
+
+        def spread(p: dict[str, Any]) -> str:
+            return f"{p['ratio_median']}x (rounds {p['ratio_min']}-{p['ratio_max']})"
+
+        hot, off = pairs.get("keystile/reference"), pairs.get("keystile_no_calls/reference")
+        control = pairs.get("keystile_twin/keystile")
+        if hot:
+            add(
+                "3",
+                "Keystile CPU us/req vs reference (paired: loaded at the same moments)",
+                f"<= {TARGET_RATIO}x",
+                spread(hot),
+                hot["ratio_median"] <= TARGET_RATIO,
+            )
+        if hot and off:
+            add(
+                "3",
+                "call records on (the default) vs off, ratio to reference (paired)",
+                f"on <= {TARGET_RATIO}x",
+                f"on {spread(hot)}; off {spread(off)}",
+                hot["ratio_median"] <= TARGET_RATIO,
+            )
+        if not control:
+            return
+        add(
+            "-",
+            "control: two identical processes, the same key (paired)",
+            "1.0: what the pairs cannot tell apart",
+            spread(control),
+            None,
+        )
+        policy = pairs.get("keystile_twin_policy/keystile")
+        if policy:
+            extra = policy["ratio_median"] / control["ratio_median"] - 1
+            add(
+                "3",
+                "a 3-pattern tool policy's extra CPU us/req (paired, against the control)",
+                f"<= +{POLICY_TARGET:.0%}",
+                f"{policy['ratio_median']} / {control['ratio_median']} = {extra:+.1%} "
+                f"(rounds {policy['ratio_min']}-{policy['ratio_max']})",
+                extra <= POLICY_TARGET,
+            )
+        token = pairs.get("keystile_twin_oauth/keystile")
+        if token:
+            diff = token["ratio_median"] / control["ratio_median"] - 1
+            add(
+                "5",
+                "an OAuth access token's CPU us/req vs a key's (paired, against the control)",
+                f"equal within +-{OAUTH_NOISE:.0%}",
+                f"{token['ratio_median']} / {control['ratio_median']} = {diff:+.1%}; "
+                f"errors {token['errors'] or 0}",
+                abs(diff) <= OAUTH_NOISE and not token["errors"],
+            )
+
     async def close(self) -> None:
         if self.http is not None:
             await self.http.close()
@@ -1751,6 +1906,31 @@ def paired_extra(rounds: list[dict[str, Any]], target: str, base: str) -> float:
         per_round.setdefault(row["round"], {})[row["target"]] = row["cpu_us_per_req"]
     ratios = [r[target] / r[base] for r in per_round.values() if r.get(base) and target in r]
     return median(ratios) - 1 if ratios else float("nan")
+
+
+def summarise_pairs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per pair: the median, min and max of its per-round ratios, and its errors."""
+    out: dict[str, dict[str, Any]] = {}
+    for base, other in PAIRS:
+        mine = [r for r in rows if r["base"] == base and r["other"] == other]
+        ratios = [r["ratio"] for r in mine]
+        if not ratios:
+            continue
+        errors: dict[str, int] = {}
+        for r in mine:
+            for counts in r["errors"].values():
+                for kind, n in counts.items():
+                    errors[kind] = errors.get(kind, 0) + n
+        out[f"{other}/{base}"] = {
+            "base": base,
+            "other": other,
+            "ratio_median": round(median(ratios), 4),
+            "ratio_min": round(min(ratios), 4),
+            "ratio_max": round(max(ratios), 4),
+            "rounds": len(ratios),
+            "errors": errors,
+        }
+    return out
 
 
 def summarise_rounds(

@@ -91,7 +91,7 @@ def render(r: dict[str, Any]) -> str:
             f"{big['slow_reader']['peak_rss_growth_mib']} MiB.",
             "",
         ]
-    out += _hot_path(r) + _usage_query(r) + _targets(r)
+    out += _hot_path(r) + _paired(r) + _usage_query(r) + _targets(r)
     return "\n".join(out)
 
 
@@ -109,7 +109,7 @@ def _hot_path(r: dict[str, Any]) -> list[str]:
         f"| a key with a 3-pattern tool policy | {policy['cpu_us_per_req_policy']} | "
         f"{policy['extra_cpu']:+.1%} |",
     ]
-    oauth = hot.get("oauth")
+    oauth = hot.get("oauth_token")
     if oauth:
         out.append(
             f"| an OAuth access token | {oauth['cpu_us_per_req_token']} | "
@@ -124,6 +124,31 @@ def _hot_path(r: dict[str, Any]) -> list[str]:
         "",
     ]
     return out
+
+
+def _paired(r: dict[str, Any]) -> list[str]:
+    paired = r.get("paired", {})
+    if not paired.get("summary"):
+        return []
+    out = [
+        "### Paired: two targets loaded at the same moments",
+        "",
+        "| other / base | CPU ratio, median | min | max | rounds | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in paired["summary"].items():
+        out.append(
+            f"| {name} | {p['ratio_median']} | {p['ratio_min']} | {p['ratio_max']} | "
+            f"{p['rounds']} | {p['errors'] or 0} |"
+        )
+    out += ["", "Per round (other / base: ratio, other's and base's CPU µs/req):", ""]
+    for row in paired["rounds"]:
+        out.append(
+            f"- round {row['round']}, {row['other']} / {row['base']}: {row['ratio']} "
+            f"({row['other_cpu_us_per_req']} / {row['base_cpu_us_per_req']}; other load "
+            f"{row['other_load_cores']})"
+        )
+    return [*out, ""]
 
 
 def _usage_query(r: dict[str, Any]) -> list[str]:

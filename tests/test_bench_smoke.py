@@ -19,6 +19,7 @@ EXPECTED_KEYS = {
     "meta",
     "setup",
     "throughput",
+    "paired",
     "hot_path",
     "workers",
     "profile",
@@ -61,4 +62,14 @@ def test_quick_benchmark_writes_results(pg_url: str, tmp_path: Path) -> None:
     for entry in results["throughput"]["summary"].values():
         assert {"rps", "p50_ms", "p99_ms", "cpu_us_per_req"} <= set(entry)
     assert "ratio_keystile_to_reference" in results["hot_path"]
+    pairs = results["paired"]["summary"]
+    assert set(pairs) == {
+        "keystile/reference",
+        "keystile_no_calls/reference",
+        "keystile_twin/keystile",
+        "keystile_twin_policy/keystile",
+        "keystile_twin_oauth/keystile",
+    }
+    for pair in pairs.values():
+        assert pair["ratio_median"] > 0 and pair["errors"] == {}, pair
     assert {"argon2_per_second", "statuses"} <= set(results["attack"])
