@@ -375,6 +375,11 @@ def assert_422(reply: Reply, field: str) -> None:
 DEADLINE = 30.0
 
 
+def altered(key: str) -> str:
+    """`key` with its last character changed: a well-formed key that is not the key."""
+    return key[:-1] + ("y" if key.endswith("x") else "x")
+
+
 async def wait_until(
     predicate: Callable[[], object],
     *,

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway.config import Settings, UpstreamSettings
 from gateway.keyring import IssuedKey
-from tests.support import DEADLINE, Keystile, Upstream, make_settings, start_keystile
+from tests.support import DEADLINE, Keystile, Upstream, altered, make_settings, start_keystile
 
 
 def only_server(name: str, url: str, **sections: Any) -> Settings:
@@ -495,7 +495,7 @@ async def test_expect_100_continue_is_answered_only_once_the_key_is_good(
             first = await reader.readuntil(b"\r\n\r\n")
         return first, reader, writer
 
-    refused, _, writer = await post_holding_back_the_body(issued.key[:-1] + "x")
+    refused, _, writer = await post_holding_back_the_body(altered(issued.key))
     assert refused.startswith(b"HTTP/1.1 401 ")  # no invitation to send the body
     writer.close()
 

@@ -23,7 +23,7 @@ from yarl import URL
 from gateway import cache, keys
 from gateway.accesslog import BUFFER
 from gateway.config import Secret, UpstreamSettings
-from tests.support import LOOPBACK, Keystile, Upstream, make_settings, start_keystile
+from tests.support import LOOPBACK, Keystile, Upstream, altered, make_settings, start_keystile
 
 UPSTREAM_TOKEN = "upstream-token"
 ARGON2 = "$argon2id$"
@@ -177,7 +177,7 @@ async def run_scenario(ks: Keystile, upstream: Upstream, log: Transcript) -> Non
     for headers in (
         {"Authorization": f"Bearer {forged}"},
         {"X-API-Key": forged},
-        {"Authorization": f"Bearer {mine['key'][:-1]}x"},
+        {"Authorization": f"Bearer {altered(mine['key'])}"},
         {"X-API-Key": "ks1-garbage"},
         {"Authorization": f"Basic {mine['key']}"},
         {},
