@@ -853,14 +853,14 @@ class Bench:
         }
 
     async def _pair_once(self, base: str, other: str, seconds: float) -> dict[str, Any]:
-        assert self.wrk is not None
+        wrk = self.wrk
+        assert wrk is not None
         a, b = self.targets[base], self.targets[other]
         window = CpuWindow({"base": a, "other": b})
 
         async def load(target: Target) -> loadgen.WrkResult:
-            assert self.wrk is not None
             return await loadgen.run_wrk(
-                self.wrk,
+                wrk,
                 target.url,
                 target.script or self._script,
                 seconds=seconds,
