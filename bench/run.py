@@ -1855,26 +1855,31 @@ class Bench:
             spread(control),
             None,
         )
+
+        def against_control(p: dict[str, Any]) -> tuple[float, str]:
+            """A twin pair's ratio over the control's, less one, and how it was worked out."""
+            extra = p["ratio_median"] / control["ratio_median"] - 1
+            shown = f"{p['ratio_median']} / {control['ratio_median']} = {extra:+.1%}"
+            return extra, f"{shown} (rounds {p['ratio_min']}-{p['ratio_max']})"
+
         policy = pairs.get("keystile_twin_policy/keystile")
         if policy:
-            extra = policy["ratio_median"] / control["ratio_median"] - 1
+            extra, shown = against_control(policy)
             add(
                 "3",
                 "a 3-pattern tool policy's extra CPU us/req (paired, against the control)",
                 f"<= +{POLICY_TARGET:.0%}",
-                f"{policy['ratio_median']} / {control['ratio_median']} = {extra:+.1%} "
-                f"(rounds {policy['ratio_min']}-{policy['ratio_max']})",
+                shown,
                 extra <= POLICY_TARGET,
             )
         token = pairs.get("keystile_twin_oauth/keystile")
         if token:
-            diff = token["ratio_median"] / control["ratio_median"] - 1
+            diff, shown = against_control(token)
             add(
                 "5",
                 "an OAuth access token's CPU us/req vs a key's (paired, against the control)",
                 f"equal within +-{OAUTH_NOISE:.0%}",
-                f"{token['ratio_median']} / {control['ratio_median']} = {diff:+.1%}; "
-                f"errors {token['errors'] or 0}",
+                f"{shown}; errors {token['errors'] or 0}",
                 abs(diff) <= OAUTH_NOISE and not token["errors"],
             )
 
